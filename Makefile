@@ -1,0 +1,106 @@
+# serve_demo: train -> archive -> serve -> evaluate a torchvision detector with TorchServe.
+# `make` lists the targets. Every target sets up what it needs (venv, data, archive).
+
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON_SYS ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+
+NAME       ?= shapes
+VERSION    ?= 1.0
+ARCH       ?= fcos_tiny
+WEIGHTS    ?= weights/$(NAME).pt
+LABELS     ?= index_to_name/$(NAME).json
+MODEL_FILE ?=
+THRESHOLD  ?= 0.5
+BATCH_SIZE ?= 1
+DATA       ?= data/shapes
+DATASET    ?= $(DATA)
+SPLIT      ?= test
+EPOCHS     ?= 12
+IMAGE      ?= $(DATA)/test/test_00000.jpg
+DRAW       ?= reports/demo/detections.png
+INFERENCE_PORT  ?= 8080
+MANAGEMENT_PORT ?= 8081
+METRICS_PORT    ?= 8082
+export INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT
+
+MAR        := model-store/$(NAME).mar
+SERVE_ARGS := --inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT)
+ARCH_ARGS  := $(if $(MODEL_FILE),--model-file $(MODEL_FILE),--arch $(ARCH))
+
+.PHONY: help setup check-env data train train-demo archive serve stop predict evaluate demo test lint format clean
+
+help: ## list the targets
+	@echo "Usage: make TARGET [VAR=value ...]   (NAME=$(NAME) VERSION=$(VERSION) ARCH=$(ARCH))"
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON_SYS) scripts/check_java.py
+	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create .venv with pinned torch/torchserve and check Java 11+
+	@$(PY) -m serve_demo check-env
+
+check-env: $(STAMP) ## check Java and the Python packages TorchServe needs
+	$(PY) -m serve_demo check-env
+
+$(DATA)/.synth.json: | $(STAMP)
+	$(PY) -m serve_demo data --out $(DATA) --seed 0
+
+data: $(DATA)/.synth.json ## generate the synthetic COCO dataset (train/valid/test, seed 0)
+
+train: $(STAMP) ## train NAME on DATASET with ARCH (resumes from runs/NAME/checkpoint.pt)
+	$(PY) -m serve_demo train --data $(DATASET) --name $(NAME) --arch $(ARCH) --epochs $(EPOCHS)
+
+train-demo: data ## retrain the committed demo model (about 60 min on 2 CPU cores; see weights/shapes.json)
+	$(PY) -m serve_demo train --data $(DATA) --name shapes --arch fcos_tiny --epochs 9 \
+		--batch-size 8 --lr 2e-3 --seed 0 --eval-every 3 --fp16
+
+$(MAR): $(WEIGHTS) $(LABELS) $(wildcard serve_demo/*.py handlers/*.py) | $(STAMP)
+	$(PY) -m serve_demo archive --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
+		--weights $(WEIGHTS) --labels $(LABELS) --threshold $(THRESHOLD) --batch-size $(BATCH_SIZE)
+
+archive: $(STAMP) ## bundle WEIGHTS + LABELS (+ MODEL_FILE) into model-store/NAME.mar
+	$(PY) -m serve_demo archive --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
+		--weights $(WEIGHTS) --labels $(LABELS) --threshold $(THRESHOLD) --batch-size $(BATCH_SIZE)
+
+serve: $(STAMP) ## start TorchServe on 127.0.0.1 with every archive in model-store/, wait until READY
+	$(PY) -m serve_demo serve $(SERVE_ARGS)
+
+stop: ## stop TorchServe and wait for the JVM to exit
+	@if [ -x $(PY) ]; then $(PY) -m serve_demo stop $(SERVE_ARGS); fi
+
+predict: $(STAMP) ## post IMAGE to NAME and draw the boxes into DRAW
+	$(PY) -m serve_demo predict $(IMAGE) --model $(NAME) --draw $(DRAW) \
+		--url http://127.0.0.1:$(INFERENCE_PORT)
+
+evaluate: $(STAMP) ## COCO mAP + F2 of the served NAME [VERSION] on DATASET/SPLIT
+	$(PY) -m serve_demo evaluate --dataset $(DATASET) --split $(SPLIT) --model $(NAME) \
+		--url http://127.0.0.1:$(INFERENCE_PORT) --archive $(MAR)
+
+demo: data ## end to end: setup, data, archive the committed model, serve, predict, draw
+	@$(MAKE) --no-print-directory $(MAR)
+	@$(MAKE) --no-print-directory serve
+	$(PY) -m serve_demo predict $(IMAGE) --model $(NAME) --draw $(DRAW) \
+		--url http://127.0.0.1:$(INFERENCE_PORT)
+	@echo "annotated picture: $(DRAW); TorchServe keeps running (make stop)"
+
+test: $(STAMP) ## run the test suite (unit, handler, real TorchServe)
+	$(PY) -m pytest tests -q
+
+lint: $(STAMP) ## ruff check (changes nothing)
+	$(PY) -m ruff check serve_demo handlers tests scripts
+
+format: $(STAMP) ## ruff format + fix imports
+	$(PY) -m ruff check --fix serve_demo handlers tests scripts
+	$(PY) -m ruff format serve_demo handlers tests scripts
+
+clean: stop ## remove built archives, build/ and reports/ (keeps .venv, data, weights)
+	rm -rf build reports model-store/*.mar

@@ -1,0 +1,160 @@
+"""Check a (weights, architecture or model file, label map) combination, then archive it.
+
+The check loads the model exactly as the TorchServe worker will (same code, same files, from a
+staging folder) and runs it once, so a wrong combination fails here, naming the mismatch,
+instead of at serve time. ``torch-model-archiver`` runs with a private ``TMPDIR``: it deletes
+``$TMPDIR/<model-name>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from .models import DEMO_ARCH, available_archs
+from .serving import LABEL_FILE, HandlerConfig, load_detector, read_label_map
+
+log = logging.getLogger(__name__)
+
+PACKAGE = Path(__file__).resolve().parent
+# the modules a worker imports: the archive carries them, so it runs on any TorchServe
+WORKER_MODULES = ("__init__.py", "imaging.py", "models.py", "schema.py", "serving.py")
+
+
+class ArchiveError(RuntimeError):
+    """The inputs do not make a servable archive; the message names what to fix."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Archive options (``python -m serve_demo archive``, ``make archive``)."""
+    p.add_argument("--name", required=True, help="model name (URL path /predictions/NAME)")
+    p.add_argument("--version", default="1.0", help="model version")
+    p.add_argument("--weights", required=True, help="state_dict file (.pt/.pth)")
+    p.add_argument("--labels", required=True, help="label map JSON {\"0\": \"__background__\", ...}")
+    p.add_argument("--arch", default=None, choices=available_archs(),
+                   help=f"architecture name (default {DEMO_ARCH} unless --model-file is given)")
+    p.add_argument("--model-file", default=None,
+                   help="a .py defining one detector class with a no-argument constructor")
+    p.add_argument("--handler", default="handlers/detector_handler.py")
+    p.add_argument("--threshold", type=float, default=0.5, help="default score threshold")
+    p.add_argument("--response-format", default="stock", choices=("stock", "detailed"))
+    p.add_argument("--batch-size", type=int, default=1, help="TorchServe batchSize")
+    p.add_argument("--max-batch-delay", type=int, default=20, help="TorchServe maxBatchDelay (ms)")
+    p.add_argument("--workers", type=int, default=1, help="workers for this model")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
+    p.add_argument("--export-path", default="model-store")
+    p.add_argument("--build-dir", default="build/archive")
+    p.add_argument("--no-check", action="store_true", help="skip loading and running the model")
+
+
+def model_config(args: argparse.Namespace, arch: str | None) -> dict:
+    """The archive's ``model-config.yaml``: TorchServe keys plus the handler's section."""
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    handler = {"threshold": args.threshold, "response_format": args.response_format,
+               "threads": threads}
+    if arch:
+        handler["arch"] = arch
+    HandlerConfig.from_yaml(handler)  # same validation as the worker
+    return {"minWorkers": args.workers, "maxWorkers": args.workers, "batchSize": args.batch_size,
+            "maxBatchDelay": args.max_batch_delay, "responseTimeout": 120, "handler": handler}
+
+
+def check_model(stage: Path, weights: Path, model_file: Path | None, cfg: HandlerConfig,
+                labels: dict[int, str]) -> float:
+    """Load and run the model as a worker would (importing from ``stage``); return seconds."""
+    keys = sorted(labels)
+    if keys != list(range(len(keys))):
+        raise ArchiveError(f"label map ids must be 0..{len(keys) - 1} without gaps, got {keys}")
+    paths = [str(stage)] + ([str(model_file.parent)] if model_file else [])
+    sys.path[:0] = paths
+    try:
+        model = load_detector(stage, str(weights), str(model_file) if model_file else None, cfg,
+                              len(labels), torch.device("cpu"))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model([torch.rand(3, 240, 320)])
+        elapsed = time.perf_counter() - t0
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError, TypeError) as exc:
+        hint = f" (the label map names {len(labels)} classes, background included)"
+        raise ArchiveError(f"{exc}{hint}") from None
+    finally:
+        for p in paths:
+            sys.path.remove(p)
+        if model_file:
+            sys.modules.pop(model_file.stem, None)
+    if not (isinstance(out, list) and len(out) == 1 and isinstance(out[0], dict)
+            and {"boxes", "labels", "scores"} <= set(out[0])):
+        raise ArchiveError("the model must return [{'boxes', 'labels', 'scores'}] per image in eval "
+                           f"mode (torchvision's detection contract); got {type(out).__name__}")
+    return elapsed
+
+
+def build(args: argparse.Namespace) -> Path:
+    """Stage, check and archive; return the ``.mar`` path."""
+    weights, labels_path = Path(args.weights), Path(args.labels)
+    for what, path in (("weights", weights), ("label map", labels_path), ("handler", Path(args.handler))):
+        if not path.is_file():
+            raise ArchiveError(f"{what} file {path} not found")
+    if args.model_file and not Path(args.model_file).is_file():
+        raise ArchiveError(f"model file {args.model_file} not found")
+    if args.model_file and args.arch:
+        raise ArchiveError("give --arch or --model-file, not both")
+    arch = None if args.model_file else (args.arch or DEMO_ARCH)
+    try:
+        labels = read_label_map(labels_path)
+    except ValueError as exc:
+        raise ArchiveError(str(exc)) from None
+
+    build_dir = Path(args.build_dir).resolve() / args.name
+    stage, tmp = build_dir / "extra", build_dir / "tmp"
+    shutil.rmtree(build_dir, ignore_errors=True)
+    (stage / "serve_demo").mkdir(parents=True)
+    tmp.mkdir()
+    for mod in WORKER_MODULES:
+        shutil.copy2(PACKAGE / mod, stage / "serve_demo" / mod)
+    shutil.copy2(labels_path, stage / LABEL_FILE)
+    model_file = Path(args.model_file).resolve() if args.model_file else PACKAGE / "models.py"
+    config = model_config(args, arch)
+    (build_dir / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    if not args.no_check:
+        cfg = HandlerConfig.from_yaml(config["handler"])
+        elapsed = check_model(stage, weights.resolve(), model_file if args.model_file else None,
+                              cfg, labels)
+        log.info("checked: %s loads from %s and answers one 320x240 image in %.0f ms",
+                 arch or model_file.name, weights.name, elapsed * 1000)
+
+    export = Path(args.export_path).resolve()
+    export.mkdir(parents=True, exist_ok=True)
+    cmd = [shutil.which("torch-model-archiver") or str(Path(sys.executable).parent / "torch-model-archiver"),
+           "--model-name", args.name, "--version", str(args.version),
+           "--serialized-file", str(weights.resolve()), "--model-file", str(model_file.resolve()),
+           "--handler", str(Path(args.handler).resolve()),
+           "--extra-files", str(stage), "--config-file", str(build_dir / "model-config.yaml"),
+           "--export-path", str(export), "--force"]
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    log.debug("running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ArchiveError(f"torch-model-archiver failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return export / f"{args.name}.mar"
+
+
+def main(args: argparse.Namespace) -> int:
+    """CLI entry: 0 on success, 2 with the reason on a bad combination."""
+    try:
+        mar = build(args)
+    except ArchiveError as exc:
+        print(f"archive: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {mar} ({mar.stat().st_size / 1e6:.1f} MB): model {args.name} version {args.version}")
+    return 0

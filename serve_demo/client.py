@@ -1,0 +1,99 @@
+"""HTTP client for a served detector: ``python -m serve_demo predict IMAGE... [--draw OUT]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mimetypes
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from .schema import parse_detections
+
+DEFAULT_URL = f"http://127.0.0.1:{os.environ.get('INFERENCE_PORT', '8080')}"
+
+
+class PredictionError(RuntimeError):
+    """The server refused or failed a request; carries the HTTP status and JSON error."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        msg = body.get("message") if isinstance(body, dict) else str(body)
+        super().__init__(f"HTTP {status}: {msg}")
+        self.status = status
+        self.body = body
+
+
+def predict_bytes(data: bytes, model: str, url: str = DEFAULT_URL, version: str | None = None,
+                  threshold: float | None = None, response_format: str | None = None,
+                  token: str | None = None, content_type: str = "application/octet-stream",
+                  session: requests.Session | None = None, timeout: float = 60) -> Any:
+    """POST one image; return the parsed JSON answer.
+
+    Raises:
+        PredictionError: any non-200 answer.
+    """
+    headers = {"Content-Type": content_type}
+    if threshold is not None:
+        headers["X-Threshold"] = str(threshold)
+    if response_format:
+        headers["X-Response-Format"] = response_format
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    path = f"{url.rstrip('/')}/predictions/{model}" + (f"/{version}" if version else "")
+    resp = (session or requests).post(path, data=data, headers=headers, timeout=timeout)
+    try:
+        body = resp.json()
+    except ValueError:
+        body = resp.text
+    if resp.status_code != 200:
+        raise PredictionError(resp.status_code, body)
+    return body
+
+
+def predict_file(path: str | Path, model: str, **kwargs) -> Any:
+    """POST an image file (content type from its extension)."""
+    path = Path(path)
+    ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return predict_bytes(path.read_bytes(), model, content_type=ctype, **kwargs)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", help="image files to send")
+    p.add_argument("--model", default=os.environ.get("MODEL", "shapes"), help="model name")
+    p.add_argument("--version", default=None, help="model version (default: the server's default)")
+    p.add_argument("--url", default=DEFAULT_URL, help="inference API base URL")
+    p.add_argument("--threshold", type=float, default=None, help="score threshold for this request")
+    p.add_argument("--format", dest="response_format", choices=("stock", "detailed"), default=None)
+    p.add_argument("--token", default=os.environ.get("TS_INFERENCE_TOKEN"),
+                   help="inference token when token authorization is on (env TS_INFERENCE_TOKEN)")
+    p.add_argument("--draw", default=None,
+                   help="save the image with boxes drawn: a file for one image, a folder for several")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print each image's JSON answer; exit 1 if any request failed."""
+    from .draw import save_drawing
+
+    failed = 0
+    for image in args.images:
+        try:
+            body = predict_file(image, args.model, url=args.url, version=args.version,
+                                threshold=args.threshold, response_format=args.response_format,
+                                token=args.token)
+        except (PredictionError, requests.ConnectionError, OSError) as exc:
+            print(f"{image}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        if len(args.images) > 1:
+            print(f"# {image}")
+        print(json.dumps(body, indent=2))
+        if args.draw:
+            out = Path(args.draw)
+            if len(args.images) > 1 or out.is_dir():
+                out = out / f"{Path(image).stem}_detections.png"
+            print(f"drawn: {save_drawing(image, parse_detections(body), out)}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,112 @@
+"""COCO bbox metrics with pycocotools (no hand-written AP)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STAT_NAMES = (
+    "mAP", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large",
+    "AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large",
+)
+
+
+def coco_bbox_metrics(gt: dict, detections: list[dict]) -> dict[str, float]:
+    """The 12 standard COCO bbox numbers for ``detections`` against the ground truth ``gt``.
+
+    Args:
+        gt: a parsed COCO annotation file.
+        detections: ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = copy.deepcopy(gt)
+    gt.setdefault("info", {})
+    gt.setdefault("licenses", [])
+    for a in gt["annotations"]:
+        a.setdefault("area", a["bbox"][2] * a["bbox"][3])
+        a.setdefault("iscrowd", 0)
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        if not detections:
+            return {name: 0.0 for name in STAT_NAMES}
+        coco_dt = coco_gt.loadRes(copy.deepcopy(detections))
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {name: float(max(v, 0.0)) for name, v in zip(STAT_NAMES, np.asarray(ev.stats))}
+
+
+def to_coco_detections(image_id: int, boxes, scores, labels, label_to_cat: dict[int, int]) -> list[dict]:
+    """Model outputs (xyxy) of one image as COCO result rows; unknown labels are dropped."""
+    rows = []
+    for (x1, y1, x2, y2), s, lab in zip(boxes, scores, labels):
+        cat = label_to_cat.get(int(lab))
+        if cat is None:
+            continue
+        rows.append({"image_id": int(image_id), "category_id": cat, "score": float(s),
+                     "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]})
+    return rows
+
+
+def matches_at_iou(gt: dict, detections: list[dict], iou: float = 0.5) -> tuple[np.ndarray, np.ndarray, int]:
+    """pycocotools' own matching at one IoU: (scores, is_true_positive, number of objects)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = copy.deepcopy(gt)
+    gt.setdefault("info", {})
+    gt.setdefault("licenses", [])
+    for a in gt["annotations"]:
+        a.setdefault("area", a["bbox"][2] * a["bbox"][3])
+        a.setdefault("iscrowd", 0)
+    n_gt = sum(1 for a in gt["annotations"] if not a.get("iscrowd"))
+    if not detections:
+        return np.zeros(0), np.zeros(0, dtype=bool), n_gt
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        ev = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(detections)), "bbox")
+        ev.params.iouThrs = np.array([iou])
+        ev.params.areaRng = [ev.params.areaRng[0]]
+        ev.params.areaRngLbl = ["all"]
+        ev.evaluate()
+    scores, tps = [], []
+    for e in ev.evalImgs:
+        if e is None:
+            continue
+        for d, s in enumerate(e["dtScores"]):
+            if not e["dtIgnore"][0][d]:
+                scores.append(s)
+                tps.append(e["dtMatches"][0][d] > 0)
+    return np.asarray(scores), np.asarray(tps, dtype=bool), n_gt
+
+
+def f_beta_curve(scores: np.ndarray, tps: np.ndarray, n_gt: int, beta: float = 2.0,
+                 thresholds: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """F-beta, precision and recall at each threshold (detections scoring >= threshold)."""
+    if thresholds is None:
+        thresholds = np.round(np.arange(0.05, 0.96, 0.01), 2)
+    f, p, r = [], [], []
+    for t in thresholds:
+        keep = scores >= t
+        tp = int(tps[keep].sum())
+        prec = tp / max(1, int(keep.sum()))
+        rec = tp / max(1, n_gt)
+        b2 = beta * beta
+        f.append((1 + b2) * prec * rec / max(1e-12, b2 * prec + rec))
+        p.append(prec)
+        r.append(rec)
+    return thresholds, np.asarray(f), np.asarray(p), np.asarray(r)

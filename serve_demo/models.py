@@ -1,0 +1,154 @@
+"""Detector architectures, chosen by name. Nothing is ever downloaded.
+
+Every model returned here follows torchvision's detection contract: in eval mode
+``model(list_of_CHW_float_tensors_in_0_1)`` returns ``[{"boxes", "labels", "scores", ...}]``,
+one dict per image, boxes in input-pixel ``[x1, y1, x2, y2]``. The handler relies on that
+contract alone, so any user ``nn.Module`` that honours it can be served too.
+
+This module is imported inside TorchServe workers: it depends on torch/torchvision only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.fcos import FCOSHead
+from torchvision.ops import FeaturePyramidNetwork
+
+log = logging.getLogger(__name__)
+
+DEMO_ARCH = "fcos_tiny"
+
+# torchvision's detection builders that this project serves (built with weights=None).
+TORCHVISION_ARCHS = (
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "retinanet_resnet50_fpn",
+    "retinanet_resnet50_fpn_v2",
+    "fcos_resnet50_fpn",
+    "ssd300_vgg16",
+    "ssdlite320_mobilenet_v3_large",
+    "maskrcnn_resnet50_fpn",
+    "maskrcnn_resnet50_fpn_v2",
+    "keypointrcnn_resnet50_fpn",
+)
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class _Residual(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(ch, ch, 3, 1, 1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True),
+            nn.Conv2d(ch, ch, 3, 1, 1, bias=False), nn.BatchNorm2d(ch),
+        )
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+class TinyBackbone(nn.Module):
+    """A small residual CNN with an FPN: feature maps at strides 8, 16 and 32."""
+
+    def __init__(self, widths: tuple[int, ...] = (24, 32, 64, 112, 160), out_channels: int = 64) -> None:
+        super().__init__()
+        w = widths
+        self.stem = nn.Sequential(_conv_bn(3, w[0], 2), _conv_bn(w[0], w[1], 2), _Residual(w[1]))
+        self.c3 = nn.Sequential(_conv_bn(w[1], w[2], 2), _Residual(w[2]), _Residual(w[2]))
+        self.c4 = nn.Sequential(_conv_bn(w[2], w[3], 2), _Residual(w[3]), _Residual(w[3]))
+        self.c5 = nn.Sequential(_conv_bn(w[3], w[4], 2), _Residual(w[4]))
+        self.fpn = FeaturePyramidNetwork([w[2], w[3], w[4]], out_channels)
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        x = self.stem(x)
+        c3 = self.c3(x)
+        c4 = self.c4(c3)
+        c5 = self.c5(c4)
+        return self.fpn(OrderedDict([("p3", c3), ("p4", c4), ("p5", c5)]))
+
+
+def fcos_tiny(num_classes: int, min_size: int = 288, max_size: int = 480, **kwargs) -> FCOS:
+    """The demo detector: FCOS (anchor-free, GIoU box loss) on a 1.4M-parameter backbone.
+
+    Levels p3/p4/p5 (strides 8/16/32) take objects whose centre-to-edge distance is
+    below 32, 32-64 and above 64 pixels: sizes match 15-250 px objects, not COCO's range.
+    """
+    backbone = TinyBackbone()
+    anchors = AnchorGenerator(sizes=((4,), (8,), (16,)), aspect_ratios=((1.0,),) * 3)
+    head = FCOSHead(backbone.out_channels, 1, num_classes, num_convs=2)
+    params = {"score_thresh": 0.05, "nms_thresh": 0.5, "detections_per_img": 100,
+              "center_sampling_radius": 3.0, "topk_candidates": 1000}
+    params.update(kwargs)
+    return FCOS(backbone, num_classes, min_size=min_size, max_size=max_size,
+                anchor_generator=anchors, head=head, **params)
+
+
+_LOCAL: dict[str, Callable[..., nn.Module]] = {"fcos_tiny": fcos_tiny}
+
+
+def available_archs() -> list[str]:
+    """Every architecture name :func:`build_model` accepts."""
+    return sorted(_LOCAL) + list(TORCHVISION_ARCHS)
+
+
+def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
+    """Build ``arch`` with ``num_classes`` outputs (background included), randomly initialised.
+
+    Raises:
+        ValueError: unknown architecture or a class count below 2.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must count the background too (>= 2), got {num_classes}")
+    if arch in _LOCAL:
+        return _LOCAL[arch](num_classes, **kwargs)
+    if arch in TORCHVISION_ARCHS:
+        import torchvision
+
+        return torchvision.models.get_model(
+            arch, weights=None, weights_backbone=None, num_classes=num_classes, **kwargs
+        )
+    raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(available_archs())}")
+
+
+def load_state_dict_file(path: str, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a state_dict (or a training checkpoint holding one) and return float32 tensors."""
+    obj = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} does not hold a state_dict (found {type(obj).__name__})")
+    return {k: (v.float() if torch.is_floating_point(v) else v) for k, v in obj.items()}
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state_dict") -> None:
+    """Load ``state`` strictly, naming missing/unexpected keys and shape mismatches on failure."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (first: {'; '.join(shapes[:3])})")
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+        raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state)

@@ -1,0 +1,232 @@
+"""Start, wait for and stop a local TorchServe, isolated in its own state folder.
+
+The instance's ``config.properties`` is ``docker/config.properties`` (what the container uses)
+with only the addresses, the model store and the temp folder overridden. Its temp folder,
+pid file, logs and metrics live under ``HOME`` (default ``build/server``), so two instances
+(a user's ``make serve`` and the tests) never collide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+log = logging.getLogger(__name__)
+
+BASE_CONFIG = Path("docker/config.properties")
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """``key=value`` lines of a Java properties file (comments and blanks skipped)."""
+    props = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+@dataclass
+class TorchServe:
+    """One local TorchServe instance."""
+
+    home: Path
+    model_store: Path
+    inference_port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+    host: str = "127.0.0.1"
+    models: str = "all"
+    base_config: Path = BASE_CONFIG
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home).resolve()
+        self.model_store = Path(self.model_store).resolve()
+        self.base_config = Path(self.base_config).resolve()
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{self.host}:{self.inference_port}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{self.host}:{self.management_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}"
+
+    @property
+    def tmp(self) -> Path:
+        return self.home / "tmp"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.tmp / ".model_server.pid"
+
+    def env(self) -> dict[str, str]:
+        """Environment for ``torchserve`` commands of this instance."""
+        env = dict(os.environ)
+        env.update({"TMPDIR": str(self.tmp), "LOG_LOCATION": str(self.home / "logs"),
+                    "METRICS_LOCATION": str(self.home / "logs")})
+        return env
+
+    def write_config(self) -> Path:
+        """The base config with this instance's addresses and folders."""
+        props = read_properties(self.base_config)
+        props.update({
+            "inference_address": self.inference_url,
+            "management_address": self.management_url,
+            "metrics_address": self.metrics_url,
+            "model_store": str(self.model_store),
+            "load_models": self.models,
+            "vmargs": f"-Xmx1g -XX:+UseContainerSupport -Djava.io.tmpdir={self.tmp}",
+        })
+        props.update(self.overrides)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(exist_ok=True)
+        path = self.home / "config.properties"
+        path.write_text(f"# generated from {self.base_config}; edit that file instead\n"
+                        + "".join(f"{k}={v}\n" for k, v in props.items()))
+        return path
+
+    def pid(self) -> int | None:
+        """The JVM's pid if it is running."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            os.kill(pid, 0)
+            return pid
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            return None
+
+    def start(self) -> None:
+        """Start the JVM in the background (returns at once; see :meth:`wait_ready`)."""
+        if self.pid():
+            raise RuntimeError(f"a TorchServe of {self.home} is already running (pid {self.pid()}); "
+                               "stop it first (make stop)")
+        exe = shutil.which("torchserve") or str(Path(sys.executable).parent / "torchserve")
+        config = self.write_config()
+        cmd = [exe, "--start", "--ncs", "--ts-config", str(config), "--model-store", str(self.model_store)]
+        log.info("starting TorchServe: %s", " ".join(cmd))
+        out = open(self.home / "torchserve.out", "ab")
+        subprocess.run(cmd, env=self.env(), cwd=self.home, stdout=out, stderr=subprocess.STDOUT,
+                       check=True, stdin=subprocess.DEVNULL)
+
+    def models_status(self) -> dict[str, list[dict]]:
+        """``{name: [version descriptions]}`` from the management API."""
+        names = [m["modelName"] for m in
+                 requests.get(f"{self.management_url}/models", timeout=5).json().get("models", [])]
+        return {n: requests.get(f"{self.management_url}/models/{n}/all", timeout=5).json() for n in names}
+
+    def wait_ready(self, timeout: float = 120.0, expect: list[str] | None = None) -> dict[str, list[dict]]:
+        """Poll until every worker of every model (and each of ``expect``) is READY.
+
+        Raises:
+            TimeoutError: with the last status and the log tail.
+        """
+        started = time.monotonic()
+        status: dict | str = "no answer yet"
+        while time.monotonic() < started + timeout:
+            if self.pid() is None and time.monotonic() > started + 15:
+                raise RuntimeError(f"TorchServe is not running; log tail:\n{self.log_tail()}")
+            try:
+                status = self.models_status()
+                workers = [w for versions in status.values() for v in versions for w in v.get("workers", [])]
+                if (status and all(w.get("status") == "READY" for w in workers) and workers
+                        and all(n in status for n in (expect or []))
+                        and all(v.get("workers") for versions in status.values() for v in versions)):
+                    return status
+            except (requests.ConnectionError, requests.Timeout, ValueError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"TorchServe not ready after {timeout:.0f} s; status: {status}\n"
+                           f"log tail:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        path = self.home / "logs" / "ts_log.log"
+        if not path.exists():
+            path = self.home / "torchserve.out"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Ask TorchServe to stop and wait for the JVM to exit; True if one was running."""
+        pid = self.pid()
+        if not pid:
+            return False
+        exe = shutil.which("torchserve") or str(Path(sys.executable).parent / "torchserve")
+        subprocess.run([exe, "--stop"], env=self.env(), cwd=self.home, capture_output=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.2)
+        log.warning("TorchServe pid %d did not exit in %.0f s; killing it", pid, timeout)
+        os.kill(pid, signal.SIGKILL)
+        return True
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", default="build/server", help="state folder: config, temp, logs")
+    p.add_argument("--model-store", default="model-store")
+    p.add_argument("--inference-port", type=int, default=int(os.environ.get("INFERENCE_PORT", 8080)))
+    p.add_argument("--management-port", type=int, default=int(os.environ.get("MANAGEMENT_PORT", 8081)))
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", 8082)))
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_arguments(p)
+    p.add_argument("--timeout", type=float, default=180, help="seconds to wait for READY workers")
+
+
+def from_args(args: argparse.Namespace) -> TorchServe:
+    return TorchServe(home=Path(args.home), model_store=Path(args.model_store),
+                      inference_port=args.inference_port, management_port=args.management_port,
+                      metrics_port=args.metrics_port)
+
+
+def main_serve(args: argparse.Namespace) -> int:
+    """``make serve``: start, wait for READY workers, print models and a curl line."""
+    ts = from_args(args)
+    mars = sorted(ts.model_store.glob("*.mar"))
+    if not mars:
+        print(f"no archives in {ts.model_store}: run `make archive` (or `make demo`) first", file=sys.stderr)
+        return 2
+    if ts.pid():
+        print(f"TorchServe already running (pid {ts.pid()}); `make stop` to restart it")
+    else:
+        ts.start()
+    try:
+        status = ts.wait_ready(args.timeout)
+    except TimeoutError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"TorchServe ready at {ts.inference_url} (management {ts.management_url}, "
+          f"metrics {ts.metrics_url}, logs {ts.home / 'logs'})")
+    for name, versions in status.items():
+        for v in versions:
+            workers = ", ".join(w["status"] for w in v["workers"])
+            print(f"  {name} {v['modelVersion']}: batch {v['batchSize']}, workers [{workers}]")
+    first = next(iter(status))
+    print(f"try:\n  curl -X POST {ts.inference_url}/predictions/{first} -T IMAGE.jpg")
+    return 0
+
+
+def main_stop(args: argparse.Namespace) -> int:
+    """``make stop``."""
+    ts = from_args(args)
+    print("TorchServe stopped" if ts.stop() else "no TorchServe running from " + str(ts.home))
+    return 0

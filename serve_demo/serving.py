@@ -1,0 +1,247 @@
+"""Everything the TorchServe handler does, as plain functions (the handler stays thin).
+
+Tunables live in the archive's ``model-config.yaml`` under ``handler:``; see
+:class:`HandlerConfig`. Per request, the headers ``X-Threshold`` and ``X-Response-Format``
+(any letter case) or the multipart fields ``threshold`` / ``response_format`` override them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import schema
+from .imaging import DEFAULT_MAX_PIXELS, RequestError, decode_image
+from .models import build_model, load_state_dict_file, load_weights
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("data", "body", "file", "image")
+LABEL_FILE = "index_to_name.json"
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    """The ``handler:`` section of ``model-config.yaml``, validated."""
+
+    arch: str | None = None  # None: the archive's model file defines the detector class
+    threshold: float = 0.5
+    response_format: str = "stock"
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    threads: int = 0  # torch threads per worker; 0 keeps torch's default
+    fp16: bool = False  # autocast on CUDA only
+    model_kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, section: dict | None) -> HandlerConfig:
+        """Build from the parsed ``handler:`` section, naming any bad key or value."""
+        section = dict(section or {})
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"model-config.yaml handler: unknown keys {unknown}; known: {sorted(known)}")
+        cfg = cls(**section)
+        parse_threshold(cfg.threshold, "model-config.yaml handler.threshold")
+        if cfg.response_format not in schema.FORMATS:
+            raise ValueError(f"model-config.yaml handler.response_format must be one of {schema.FORMATS}")
+        if int(cfg.max_image_pixels) < 1 or int(cfg.threads) < 0:
+            raise ValueError("model-config.yaml handler: max_image_pixels must be >= 1 and threads >= 0")
+        return cfg
+
+
+def parse_threshold(value: Any, source: str = "X-Threshold") -> float:
+    """A score threshold in [0, 1].
+
+    Raises:
+        RequestError: 400 naming ``source`` when the value is not a finite number in [0, 1].
+    """
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", "replace")
+    try:
+        t = float(str(value).strip())
+    except ValueError:
+        t = math.nan
+    if not math.isfinite(t) or not 0.0 <= t <= 1.0:
+        raise RequestError(400, "invalid_threshold",
+                           f"{source} must be a number between 0 and 1, got {str(value)[:40]!r}")
+    return t
+
+
+def read_label_map(path: str | Path) -> dict[int, str]:
+    """``index_to_name.json`` as ``{int id: name}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"label map {path} is missing: archive it with --extra-files")
+    raw = json.loads(path.read_text())
+    try:
+        return {int(k): (v[-1] if isinstance(v, list) else str(v)) for k, v in raw.items()}
+    except (ValueError, AttributeError):
+        raise ValueError(f"{path}: keys must be class ids (\"0\", \"1\", ...) mapped to names") from None
+
+
+def detector_class_from_file(model_file: str | Path) -> type[nn.Module]:
+    """The single ``nn.Module`` class defined in a user's model file."""
+    model_file = Path(model_file)
+    module = importlib.import_module(model_file.stem)
+    classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
+               if issubclass(c, nn.Module) and c.__module__ == module.__name__]
+    if len(classes) != 1:
+        raise ValueError(f"{model_file.name} must define exactly one nn.Module class, found "
+                         f"{[c.__name__ for c in classes] or 'none'}")
+    return classes[0]
+
+
+def num_classes_of(model: nn.Module) -> int | None:
+    """The class count (background included) of torchvision-style detectors, else None."""
+    probes = (("roi_heads", "box_predictor", "cls_score"), ("head", "classification_head"))
+    for path in probes:
+        obj = model
+        for attr in path:
+            obj = getattr(obj, attr, None)
+        if isinstance(obj, nn.Linear):
+            return obj.out_features
+        if obj is not None and hasattr(obj, "num_classes"):
+            return int(obj.num_classes)
+    return None
+
+
+def load_detector(model_dir: str | Path, weights: str | None, model_file: str | None,
+                  cfg: HandlerConfig, num_labels: int, device: torch.device) -> nn.Module:
+    """Build the detector named by ``cfg.arch`` (or the model file's class), load weights.
+
+    Raises:
+        ValueError / FileNotFoundError: with the path and the mismatch named.
+    """
+    model_dir = Path(model_dir)
+    if cfg.arch:
+        model = build_model(cfg.arch, num_classes=num_labels, **cfg.model_kwargs)
+        source = f"architecture {cfg.arch}"
+    elif model_file:
+        cls = detector_class_from_file(model_dir / model_file)
+        model = cls()
+        source = f"{model_file}:{cls.__name__}"
+        n = num_classes_of(model)
+        if n is not None and n != num_labels:
+            raise ValueError(f"{source} predicts {n} classes (background included) but the label "
+                             f"map names {num_labels}: fix {LABEL_FILE} or the model")
+    else:
+        raise ValueError("no detector: set handler.arch in model-config.yaml or archive a model file")
+    if weights:
+        path = model_dir / weights
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file {path} is missing from the archive")
+        load_weights(model, load_state_dict_file(str(path)), source=f"{weights} for {source}")
+    return model.to(device).eval()
+
+
+def header(headers: dict, name: str) -> str | None:
+    """A request header by name, any letter case."""
+    lname = name.lower()
+    for k, v in (headers or {}).items():
+        if k.lower() == lname:
+            return v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
+    return None
+
+
+def _image_bytes(row: dict) -> bytes | bytearray:
+    for key in IMAGE_KEYS:
+        if key in row and row[key] is not None:
+            value = row[key]
+            break
+    else:
+        fields = ", ".join(sorted(map(str, row))) or "none"
+        raise RequestError(400, "missing_image",
+                           f"no image in the request (fields: {fields}): send it as the body "
+                           "(`curl -T image.jpg`) or a multipart field named `data`")
+    if isinstance(value, dict):  # JSON body such as {"data": "<base64>"}
+        inner = value.get("data") or value.get("b64")
+        if not isinstance(inner, str):
+            raise RequestError(400, "missing_image", "JSON body must be {\"data\": \"<base64 image>\"}")
+        value = inner
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(400, "invalid_base64",
+                               "the image field is text but not valid base64: send raw bytes or base64") from None
+    return value
+
+
+@dataclass
+class Request:
+    """One decoded request of a batch."""
+
+    image: torch.Tensor  # uint8 3xHxW
+    threshold: float
+    response_format: str
+
+
+def parse_request(row: dict, headers: dict, cfg: HandlerConfig) -> Request:
+    """Decode one row of a batch and its options.
+
+    Raises:
+        RequestError: any client mistake, with the HTTP code to answer.
+    """
+    threshold = cfg.threshold
+    raw = header(headers, "X-Threshold")
+    if raw is None and row.get("threshold") is not None:
+        raw, source = row["threshold"], "the threshold field"
+    else:
+        source = "X-Threshold"
+    if raw is not None:
+        threshold = parse_threshold(raw, source)
+    fmt = header(headers, "X-Response-Format")
+    if fmt is None and row.get("response_format") is not None:
+        fmt = bytes(row["response_format"]).decode("utf-8", "replace") \
+            if isinstance(row["response_format"], (bytes, bytearray)) else str(row["response_format"])
+    fmt = (fmt or cfg.response_format).strip().lower()
+    if fmt not in schema.FORMATS:
+        raise RequestError(400, "invalid_response_format",
+                           f"X-Response-Format must be one of {', '.join(schema.FORMATS)}, got {fmt[:40]!r}")
+    image = decode_image(_image_bytes(row), cfg.max_image_pixels)
+    return Request(image, threshold, fmt)
+
+
+def run_detector(model: nn.Module, images: list[torch.Tensor], device: torch.device,
+                 fp16: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Run the detector on uint8 images of any sizes (a list, never stacked); outputs on CPU."""
+    batch = [im.to(device, non_blocking=True).float().div_(255) for im in images]
+    with torch.inference_mode():
+        if fp16 and device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                outputs = model(batch)
+        else:
+            outputs = model(batch)
+    return [{k: v.float().cpu() if torch.is_floating_point(v) else v.cpu() for k, v in o.items()}
+            for o in outputs]
+
+
+def format_output(output: dict[str, torch.Tensor], req: Request, names: dict[int, str],
+                  model_name: str, version: str) -> Any:
+    """One model output as the payload the request asked for."""
+    dets = schema.make_detections(output["boxes"].tolist(), output["scores"].tolist(),
+                                  output["labels"].tolist(), names, req.threshold)
+    if req.response_format == "detailed":
+        h, w = req.image.shape[-2:]
+        return schema.detailed_payload(dets, (w, h), model_name, version)
+    return schema.stock_payload(dets)
+
+
+def configure_threads(threads: int) -> None:
+    """Set torch's intra-op threads once per worker (workers x threads should fit the cores)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    env = os.environ.get("OMP_NUM_THREADS")
+    log.info("torch threads: %d (OMP_NUM_THREADS=%s)", torch.get_num_threads(), env)
