@@ -72,6 +72,8 @@ class DetectorHandler(VisionHandler):
                 context.set_response_status(err.code, err.kind, i)
                 answers[i] = schema.dumps(schema.error_payload(err.code, err.kind, err.message))
                 log.info("request %d refused: %d %s: %s", i, err.code, err.kind, err.message)
+        if len(data) > 1:
+            log.info("batch of %d requests (%d refused)", len(data), len(data) - len(requests))
         if requests:
             outputs = run_detector(self.model, [r.image for r in requests], self.device, self.cfg.fp16)
             for i, req, out in zip(good, requests, outputs):

@@ -139,7 +139,8 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
     """Load ``state`` strictly, naming missing/unexpected keys and shape mismatches on failure."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    # FrozenBatchNorm2d drops BatchNorm's counters itself: a state_dict trained with BatchNorm fits
+    unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
@@ -151,4 +152,4 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
         raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts))
-    model.load_state_dict(state)
+    model.load_state_dict({k: v for k, v in state.items() if k in own})

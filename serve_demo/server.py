@@ -46,6 +46,8 @@ class TorchServe:
     inference_port: int = 8080
     management_port: int = 8081
     metrics_port: int = 8082
+    grpc_inference_port: int = 7070
+    grpc_management_port: int = 7071
     host: str = "127.0.0.1"
     models: str = "all"
     base_config: Path = BASE_CONFIG
@@ -72,10 +74,6 @@ class TorchServe:
     def tmp(self) -> Path:
         return self.home / "tmp"
 
-    @property
-    def pid_file(self) -> Path:
-        return self.tmp / ".model_server.pid"
-
     def env(self) -> dict[str, str]:
         """Environment for ``torchserve`` commands of this instance."""
         env = dict(os.environ)
@@ -90,6 +88,8 @@ class TorchServe:
             "inference_address": self.inference_url,
             "management_address": self.management_url,
             "metrics_address": self.metrics_url,
+            "grpc_inference_port": str(self.grpc_inference_port),
+            "grpc_management_port": str(self.grpc_management_port),
             "model_store": str(self.model_store),
             "load_models": self.models,
             "vmargs": f"-Xmx1g -XX:+UseContainerSupport -Djava.io.tmpdir={self.tmp}",
@@ -103,13 +103,15 @@ class TorchServe:
         return path
 
     def pid(self) -> int | None:
-        """The JVM's pid if it is running."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-            os.kill(pid, 0)
-            return pid
-        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
-            return None
+        """The pid of this instance's JVM (found by its private temp folder), if running."""
+        import psutil
+
+        marker = f"-Djava.io.tmpdir={self.tmp}"
+        for proc in psutil.process_iter(["pid", "name", "cmdline", "status"]):
+            cmd = proc.info.get("cmdline") or []
+            if marker in cmd and proc.info.get("status") != psutil.STATUS_ZOMBIE:
+                return proc.info["pid"]
+        return None
 
     def start(self) -> None:
         """Start the JVM in the background (returns at once; see :meth:`wait_ready`)."""
@@ -139,7 +141,7 @@ class TorchServe:
         started = time.monotonic()
         status: dict | str = "no answer yet"
         while time.monotonic() < started + timeout:
-            if self.pid() is None and time.monotonic() > started + 15:
+            if self.pid() is None and time.monotonic() > started + 20:
                 raise RuntimeError(f"TorchServe is not running; log tail:\n{self.log_tail()}")
             try:
                 status = self.models_status()
@@ -185,6 +187,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inference-port", type=int, default=int(os.environ.get("INFERENCE_PORT", 8080)))
     p.add_argument("--management-port", type=int, default=int(os.environ.get("MANAGEMENT_PORT", 8081)))
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", 8082)))
+    p.add_argument("--grpc-ports", type=int, nargs=2, metavar=("INFERENCE", "MANAGEMENT"),
+                   default=[int(os.environ.get("GRPC_INFERENCE_PORT", 7070)),
+                            int(os.environ.get("GRPC_MANAGEMENT_PORT", 7071))])
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -195,7 +200,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace) -> TorchServe:
     return TorchServe(home=Path(args.home), model_store=Path(args.model_store),
                       inference_port=args.inference_port, management_port=args.management_port,
-                      metrics_port=args.metrics_port)
+                      metrics_port=args.metrics_port, grpc_inference_port=args.grpc_ports[0],
+                      grpc_management_port=args.grpc_ports[1])
 
 
 def main_serve(args: argparse.Namespace) -> int:

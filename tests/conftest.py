@@ -1,0 +1,107 @@
+"""Shared fixtures: test images, archives built by torch-model-archiver, a real TorchServe."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from serve_demo.archive import build
+from serve_demo.server import TorchServe
+from serve_demo.synth import SynthConfig, render_image
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_WEIGHTS = ROOT / "weights" / "shapes.pt"
+DEMO_LABELS = ROOT / "index_to_name" / "shapes.json"
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on loopback."""
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def synth_image(seed: int, size: tuple[int, int] | None = None) -> Image.Image:
+    """A synthetic scene (optionally resized) from the project's generator."""
+    img, _ = render_image(np.random.default_rng(seed), SynthConfig())
+    return img.resize(size) if size else img
+
+
+def archive_args(**kw) -> argparse.Namespace:
+    base = dict(name="m", version="1.0", weights=None, labels=None, arch=None, model_file=None,
+                handler=str(ROOT / "handlers" / "detector_handler.py"), threshold=0.5,
+                response_format="stock", batch_size=1, max_batch_delay=20, workers=1, threads=1,
+                export_path=None, build_dir=None, no_check=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.fixture(scope="session")
+def fixed_weights(tmp_path_factory) -> Path:
+    import torch
+
+    import sys
+    sys.path.insert(0, str(ASSETS))
+    from fixed_detector import FixedDetector
+
+    sys.path.remove(str(ASSETS))
+    path = tmp_path_factory.mktemp("fixed") / "fixed.pt"
+    torch.save(FixedDetector().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory, fixed_weights) -> Path:
+    """Archives of the committed demo model (batch 1 and batch 4) and the fixed detector."""
+    store = tmp_path_factory.mktemp("model-store")
+    build_dir = tmp_path_factory.mktemp("build")
+    common = dict(export_path=str(store), build_dir=str(build_dir))
+    build(archive_args(name="shapes", weights=str(DEMO_WEIGHTS), labels=str(DEMO_LABELS),
+                       arch="fcos_tiny", **common))
+    build(archive_args(name="shapes_b4", weights=str(DEMO_WEIGHTS), labels=str(DEMO_LABELS),
+                       arch="fcos_tiny", batch_size=4, max_batch_delay=3000, **common))
+    build(archive_args(name="fixed", weights=str(fixed_weights), labels=str(ASSETS / "fixed_labels.json"),
+                       model_file=str(ASSETS / "fixed_detector.py"), **common))
+    return store
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, model_store):
+    """A real TorchServe on free loopback ports with the shipped config."""
+    ports = free_ports(5)
+    ts = TorchServe(home=tmp_path_factory.mktemp("ts-home"), model_store=model_store,
+                    inference_port=ports[0], management_port=ports[1], metrics_port=ports[2],
+                    grpc_inference_port=ports[3], grpc_management_port=ports[4],
+                    base_config=ROOT / "docker" / "config.properties")
+    ts.start()
+    try:
+        ts.wait_ready(timeout=180, expect=["shapes", "shapes_b4", "fixed"])
+        yield ts
+    finally:
+        ts.stop()
+
+
+def post(ts: TorchServe, model: str, data: bytes, headers: dict | None = None, **kw) -> requests.Response:
+    return requests.post(f"{ts.inference_url}/predictions/{model}", data=data,
+                         headers={"Content-Type": "application/octet-stream", **(headers or {})},
+                         timeout=120, **kw)

@@ -1,0 +1,193 @@
+"""Against a real TorchServe (shipped config, free loopback ports, archives from the archiver)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from serve_demo import schema
+from serve_demo.archive import build
+from serve_demo.evaluate import ArchiveModel, compute_metrics, served_predictions, to_rows
+from serve_demo.models import build_model
+from serve_demo.synth import SynthConfig, generate_split
+from tests.conftest import ASSETS, ROOT, archive_args, encode, post, synth_image
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="session")
+def pets_mar(tmp_path_factory):
+    """The seed's Oxford Pets shape: a 3-class fasterrcnn_resnet50_fpn state_dict + model file."""
+    tmp = tmp_path_factory.mktemp("pets")
+    torch.manual_seed(0)
+    torch.save(build_model("fasterrcnn_resnet50_fpn", 3).state_dict(), tmp / "pets.pt")
+    return build(archive_args(name="pets", weights=str(tmp / "pets.pt"), labels=str(ASSETS / "pets_labels.json"),
+                              model_file=str(ASSETS / "pets_model.py"), export_path=str(tmp / "store"),
+                              build_dir=str(tmp / "build")))
+
+
+def workers(ts, model: str) -> list[dict]:
+    return requests.get(f"{ts.management_url}/models/{model}", timeout=10).json()[0]["workers"]
+
+
+def test_stock_format_with_curl(server, tmp_path):
+    path = tmp_path / "scene.jpg"
+    synth_image(11).save(path)
+    headers, body = tmp_path / "headers.txt", tmp_path / "body.json"
+    subprocess.run(["curl", "-s", "-D", str(headers), "-o", str(body), "-X", "POST",
+                    f"{server.inference_url}/predictions/shapes", "-T", str(path)], check=True, timeout=60)
+    head = headers.read_text().lower()
+    assert "http/1.1 200" in head and "content-type: application/json" in head, head
+    dets = json.loads(body.read_text())
+    assert dets and all(len(d) == 2 and d["score"] >= 0.5 for d in dets)
+    names = set(json.loads((ROOT / "index_to_name" / "shapes.json").read_text()).values())
+    assert {next(k for k in d if k != "score") for d in dets} <= names
+
+
+def test_detailed_format_and_header_threshold(server):
+    img = synth_image(12, (300, 220))
+    r = post(server, "shapes", encode(img), {"x-response-format": "detailed", "X-THRESHOLD": "0.2"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    payload = r.json()
+    schema.validate_detailed(payload)
+    assert payload["image_size"] == [300, 220] and payload["model"] == "shapes"
+    assert all(d["score"] >= 0.2 for d in payload["detections"])
+    low = post(server, "shapes", encode(img), {"X-Response-Format": "detailed", "X-Threshold": "0.05"}).json()
+    assert len(low["detections"]) >= len(payload["detections"])
+
+
+def test_multipart_threshold_field(server):
+    data = encode(synth_image(13), "PNG")
+    r = requests.post(f"{server.inference_url}/predictions/shapes", files={"data": ("a.png", data, "image/png")},
+                      data={"threshold": "0.9"}, timeout=60)
+    assert r.status_code == 200
+    assert all(d["score"] >= 0.9 for d in r.json())
+
+
+def test_batch_of_four_sizes_with_one_bad(server):
+    bodies = [encode(synth_image(20 + i, size)) for i, size in
+              enumerate([(320, 240), (240, 320), (181, 97), (400, 400)])]
+    bodies[2] = b"\xff\xd8\xff\xe0 truncated jpeg"
+    with ThreadPoolExecutor(4) as pool:
+        rs = list(pool.map(lambda b: post(server, "shapes_b4", b, {"X-Response-Format": "detailed"}), bodies))
+    assert [r.status_code for r in rs[:2] + rs[3:]] == [200, 200, 200] and rs[2].status_code in (400, 415)
+    assert [rs[i].json()["image_size"] for i in (0, 1, 3)] == [[320, 240], [240, 320], [400, 400]]
+    assert rs[2].json()["type"] in ("not_an_image", "corrupt_image")
+    log = (server.home / "logs" / "model_log.log").read_text()
+    assert "batch of 4 requests (1 refused)" in log
+
+
+BAD = [
+    ("empty body", b"", {}, 400),
+    ("text", b"just some text", {}, 415),
+    ("garbage", bytes(range(256)) * 4, {}, 415),
+    ("truncated png", None, {}, 400),
+    ("threshold abc", "ok", {"X-Threshold": "abc"}, 400),
+    ("threshold -1", "ok", {"X-Threshold": "-1"}, 400),
+    ("threshold 2", "ok", {"X-Threshold": "2"}, 400),
+    ("threshold nan", "ok", {"X-Threshold": "nan"}, 400),
+    ("unknown format", "ok", {"X-Response-Format": "xml"}, 400),
+    ("decompression bomb", "bomb", {}, 413),
+]
+
+
+@pytest.mark.parametrize("name,data,headers,code", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_4xx_and_worker_survives(server, name, data, headers, code):
+    before = [w["pid"] for w in workers(server, "shapes")]
+    if data is None:
+        full = encode(synth_image(30), "PNG")
+        data = full[: len(full) // 3]
+    elif data == "ok":
+        data = encode(synth_image(31))
+    elif data == "bomb":
+        data = encode(Image.new("L", (9000, 9000)), "PNG", optimize=True)
+    r = post(server, "shapes", data, headers)
+    assert r.status_code == code, r.text
+    body = r.json()
+    assert body["code"] == code and body["message"] and body["type"]
+    assert [w["pid"] for w in workers(server, "shapes")] == before
+    assert all(w["status"] == "READY" for w in workers(server, "shapes"))
+    assert post(server, "shapes", encode(synth_image(32))).status_code == 200
+
+
+def test_unknown_label_id_reported_by_number(server):
+    r = post(server, "fixed", encode(synth_image(33, (100, 80))), {"X-Threshold": "0.1"})
+    assert r.status_code == 200
+    assert r.json() == [{"circle": [0.0, 0.0, 50.0, 40.0], "score": 0.9},
+                        {"square": [25.0, 20.0, 99.0, 79.0], "score": 0.6},
+                        {"7": [1.0, 2.0, 3.0, 4.0], "score": 0.3}]
+
+
+def test_served_equals_in_process(server, model_store):
+    local = ArchiveModel(model_store / "shapes.mar")
+    for seed in (40, 41, 42):
+        data = encode(synth_image(seed))
+        served = post(server, "shapes", data, {"X-Response-Format": "detailed", "X-Threshold": "0"}).json()
+        mine = local.predict(data, threshold=0.0)
+        assert len(served["detections"]) == len(mine["detections"]) > 0
+        for a, b in zip(served["detections"], mine["detections"]):
+            assert a["label"] == b["label"] and abs(a["score"] - b["score"]) < 1e-4
+            assert np.allclose(a["box"], b["box"], atol=1e-3)
+
+
+def test_client_cli_draws(server, tmp_path):
+    img = tmp_path / "scene.jpg"
+    synth_image(50).save(img)
+    out = tmp_path / "drawn.png"
+    proc = subprocess.run([sys.executable, "-m", "serve_demo", "predict", str(img), "--model", "shapes",
+                           "--url", server.inference_url, "--draw", str(out)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert isinstance(json.loads(proc.stdout), list)
+    assert Image.open(out).size == Image.open(img).size
+
+
+def test_demo_model_quality_through_endpoint(server, tmp_path):
+    """The committed demo model, served, on the first 60 images of the synthetic test split."""
+    ann = generate_split(tmp_path, "test", 60, seed=0, cfg=SynthConfig(), progress=False)
+    coco = json.loads(ann.read_text())
+    payloads, failures = served_predictions(ann.parent, coco, "shapes", server.inference_url, None, 2)
+    assert not failures
+    metrics = compute_metrics(coco, to_rows(payloads, coco), 0.5)["coco"]
+    print(f"demo model on 60 test images: mAP {metrics['mAP']:.3f}, mAP@0.5 {metrics['mAP_50']:.3f}")
+    assert metrics["mAP_50"] >= 0.8 and metrics["mAP"] >= 0.5
+
+
+def test_oxford_pets_resnet50_model_file_answers_curl(server, pets_mar, tmp_path):
+    """The seed's way: model.py + a 3-class fasterrcnn_resnet50_fpn state_dict, served by a second
+    instance from its own store (the registration API is off, so models load at start-up)."""
+    from serve_demo.server import TorchServe
+    from tests.conftest import free_ports
+
+    store = Path(pets_mar).parent
+    p = free_ports(5)
+    ts = TorchServe(home=tmp_path / "home", model_store=store, inference_port=p[0], management_port=p[1],
+                    metrics_port=p[2], grpc_inference_port=p[3], grpc_management_port=p[4],
+                    base_config=ROOT / "docker" / "config.properties")
+    ts.start()
+    try:
+        ts.wait_ready(timeout=180, expect=["pets"])
+        path = tmp_path / "pet.jpg"
+        synth_image(60).save(path)
+        t0 = time.time()
+        out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", "-X", "POST",
+                              f"{ts.inference_url}/predictions/pets", "-T", str(path), "-H", "X-Threshold: 0"],
+                             capture_output=True, text=True, check=True).stdout
+        body, code = out.rsplit("\n", 1)
+        assert code == "200", body
+        dets = json.loads(body)
+        assert isinstance(dets, list)
+        assert {next(k for k in d if k != "score") for d in dets} <= {"cat", "dog"}
+        print(f"pets resnet50: {len(dets)} detections in {time.time() - t0:.1f} s")
+    finally:
+        ts.stop()
