@@ -58,9 +58,9 @@ def archive_args(**kw) -> argparse.Namespace:
 
 @pytest.fixture(scope="session")
 def fixed_weights(tmp_path_factory) -> Path:
-    import torch
-
     import sys
+
+    import torch
     sys.path.insert(0, str(ASSETS))
     from fixed_detector import FixedDetector
 

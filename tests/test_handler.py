@@ -30,7 +30,7 @@ class BatchContext(MockContext):
     get_response_content_type = Context.get_response_content_type
     get_response_status = Context.get_response_status
 
-    def with_requests(self, headers: list[dict]) -> "BatchContext":
+    def with_requests(self, headers: list[dict]) -> BatchContext:
         self._request_processor = [RequestProcessor(h) for h in headers]
         return self
 

@@ -16,7 +16,7 @@ from serve_demo.data import CocoDetection, label_map_from_coco
 from serve_demo.imaging import RequestError, decode_image
 from serve_demo.models import build_model, load_weights
 from serve_demo.serving import HandlerConfig, parse_request, parse_threshold
-from serve_demo.synth import generate_split, SynthConfig
+from serve_demo.synth import SynthConfig, generate_split
 from tests.conftest import encode
 
 
