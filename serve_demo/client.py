@@ -61,6 +61,18 @@ def predict_file(path: str | Path, model: str, **kwargs) -> Any:
     return predict_bytes(path.read_bytes(), model, content_type=ctype, **kwargs)
 
 
+def format_json(body: Any) -> str:
+    """Readable JSON: one detection per line."""
+    if isinstance(body, list):
+        return "[\n" + ",\n".join("  " + json.dumps(d) for d in body) + "\n]" if body else "[]"
+    if isinstance(body, dict) and isinstance(body.get("detections"), list):
+        head = {k: v for k, v in body.items() if k != "detections"}
+        dets = ",\n".join("    " + json.dumps(d) for d in body["detections"])
+        return ("{\n  \"detections\": [\n" + dets + "\n  ],\n"
+                + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in head.items()) + "\n}")
+    return json.dumps(body, indent=2)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", help="image files to send")
     p.add_argument("--model", default=os.environ.get("MODEL", "shapes"), help="model name")
@@ -90,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
             continue
         if len(args.images) > 1:
             print(f"# {image}")
-        print(json.dumps(body, indent=2))
+        print(format_json(body))
         if args.draw:
             out = Path(args.draw)
             if len(args.images) > 1 or out.is_dir():

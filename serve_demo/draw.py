@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+import zlib
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -13,8 +14,9 @@ PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212))
 
 
-def color_for(label_id: int) -> tuple[int, int, int]:
-    return PALETTE[label_id % len(PALETTE)]
+def color_for(label: str) -> tuple[int, int, int]:
+    """A stable colour per label name (the stock format carries names, not ids)."""
+    return PALETTE[zlib.crc32(label.encode()) % len(PALETTE)]
 
 
 def draw_detections(image: Image.Image, dets: Iterable[Detection], width: int = 2,
@@ -24,7 +26,7 @@ def draw_detections(image: Image.Image, dets: Iterable[Detection], width: int = 
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()
     for d in dets:
-        c = color or color_for(d.label_id)
+        c = color or color_for(d.label)
         x1, y1, x2, y2 = d.box
         draw.rectangle([x1, y1, x2, y2], outline=c, width=width)
         if caption:
