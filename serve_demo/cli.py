@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -16,46 +17,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import main
-
-    return main(args)
-
-
-def _cmd_archive(args: argparse.Namespace) -> int:
-    from .archive import main
-
-    return main(args)
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from .client import main
-
-    return main(args)
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from .server import main_serve
-
-    return main_serve(args)
-
-
-def _cmd_stop(args: argparse.Namespace) -> int:
-    from .server import main_stop
-
-    return main_stop(args)
-
-
-def _cmd_check_env(args: argparse.Namespace) -> int:
-    from .envcheck import main
-
-    return main(args)
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import main
-
-    return main(args)
+def _lazy(target: str):
+    """A command that imports ``module:function`` only when it runs."""
+    def run(args: argparse.Namespace) -> int:
+        module, func = target.split(":")
+        return getattr(importlib.import_module(f".{module}", __package__), func)(args)
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,31 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a detector on a COCO-format folder")
     train.add_arguments(p)
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_lazy("train:main"))
 
     p = sub.add_parser("archive", help="check and bundle weights + labels into model-store/NAME.mar")
     archive.add_arguments(p)
-    p.set_defaults(func=_cmd_archive)
+    p.set_defaults(func=_lazy("archive:main"))
 
     p = sub.add_parser("serve", help="start TorchServe in the background and wait until ready")
     server.add_serve_arguments(p)
-    p.set_defaults(func=_cmd_serve)
+    p.set_defaults(func=_lazy("server:main_serve"))
 
     p = sub.add_parser("stop", help="stop the background TorchServe and wait for the JVM to exit")
     server.add_common_arguments(p)
-    p.set_defaults(func=_cmd_stop)
+    p.set_defaults(func=_lazy("server:main_stop"))
 
     p = sub.add_parser("predict", help="post images to the server and print detections")
     client.add_arguments(p)
-    p.set_defaults(func=_cmd_predict)
+    p.set_defaults(func=_lazy("client:main"))
 
     p = sub.add_parser("evaluate", help="COCO mAP and F2 of a model on a dataset split")
     evaluate.add_arguments(p)
-    p.set_defaults(func=_cmd_evaluate)
+    p.set_defaults(func=_lazy("evaluate:main"))
 
     p = sub.add_parser("check-env", help="check Python packages and Java 11+")
     envcheck.add_arguments(p)
-    p.set_defaults(func=_cmd_check_env)
+    p.set_defaults(func=_lazy("envcheck:main"))
     return parser
 
 

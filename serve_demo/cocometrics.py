@@ -17,15 +17,9 @@ STAT_NAMES = (
 )
 
 
-def coco_bbox_metrics(gt: dict, detections: list[dict]) -> dict[str, float]:
-    """The 12 standard COCO bbox numbers for ``detections`` against the ground truth ``gt``.
-
-    Args:
-        gt: a parsed COCO annotation file.
-        detections: ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``.
-    """
+def _coco_gt(gt: dict):
+    """A pycocotools COCO index over a copy of ``gt`` (missing optional fields filled in)."""
     from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     gt = copy.deepcopy(gt)
     gt.setdefault("info", {})
@@ -33,13 +27,26 @@ def coco_bbox_metrics(gt: dict, detections: list[dict]) -> dict[str, float]:
     for a in gt["annotations"]:
         a.setdefault("area", a["bbox"][2] * a["bbox"][3])
         a.setdefault("iscrowd", 0)
-    quiet = io.StringIO()
-    with contextlib.redirect_stdout(quiet):
+    with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt
         coco_gt.createIndex()
-        if not detections:
-            return {name: 0.0 for name in STAT_NAMES}
+    return coco_gt
+
+
+def coco_bbox_metrics(gt: dict, detections: list[dict]) -> dict[str, float]:
+    """The 12 standard COCO bbox numbers for ``detections`` against the ground truth ``gt``.
+
+    Args:
+        gt: a parsed COCO annotation file.
+        detections: ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    if not detections:
+        return {name: 0.0 for name in STAT_NAMES}
+    coco_gt = _coco_gt(gt)
+    with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(copy.deepcopy(detections))
         ev = COCOeval(coco_gt, coco_dt, "bbox")
         ev.evaluate()
@@ -62,22 +69,13 @@ def to_coco_detections(image_id: int, boxes, scores, labels, label_to_cat: dict[
 
 def matches_at_iou(gt: dict, detections: list[dict], iou: float = 0.5) -> tuple[np.ndarray, np.ndarray, int]:
     """pycocotools' own matching at one IoU: (scores, is_true_positive, number of objects)."""
-    from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    gt = copy.deepcopy(gt)
-    gt.setdefault("info", {})
-    gt.setdefault("licenses", [])
-    for a in gt["annotations"]:
-        a.setdefault("area", a["bbox"][2] * a["bbox"][3])
-        a.setdefault("iscrowd", 0)
     n_gt = sum(1 for a in gt["annotations"] if not a.get("iscrowd"))
     if not detections:
         return np.zeros(0), np.zeros(0, dtype=bool), n_gt
+    coco_gt = _coco_gt(gt)
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = gt
-        coco_gt.createIndex()
         ev = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(detections)), "bbox")
         ev.params.iouThrs = np.array([iou])
         ev.params.areaRng = [ev.params.areaRng[0]]
