@@ -59,9 +59,9 @@ data: $(DATA)/.synth.json ## generate the synthetic COCO dataset (train/valid/te
 train: $(STAMP) ## train NAME on DATASET with ARCH (resumes from runs/NAME/checkpoint.pt)
 	$(PY) -m serve_demo train --data $(DATASET) --name $(NAME) --arch $(ARCH) --epochs $(EPOCHS)
 
-train-demo: data ## retrain the committed demo model (about 60 min on 2 CPU cores; see weights/shapes.json)
+train-demo: data ## retrain the committed demo model (85 min on 2 CPU cores; see weights/shapes.json)
 	$(PY) -m serve_demo train --data $(DATA) --name shapes --arch fcos_tiny --epochs 9 \
-		--batch-size 8 --lr 2e-3 --seed 0 --eval-every 3 --fp16
+		--batch-size 8 --lr 2e-3 --seed 0 --eval-every 3 --fp16 --threads 2
 
 $(MAR): $(WEIGHTS) $(LABELS) $(wildcard serve_demo/*.py handlers/*.py) | $(STAMP)
 	$(PY) -m serve_demo archive --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
