@@ -61,7 +61,8 @@ def served_predictions(folder: Path, coco: dict, model: str, url: str, version: 
         if not hasattr(local, "session"):
             local.session = requests.Session()
         data = (folder / im["file_name"]).read_bytes()
-        for attempt in range(retries + 1):
+        attempt = 0
+        while True:
             try:
                 body = predict_bytes(data, model, url=url, version=version, threshold=0.0,
                                      response_format="detailed", token=token, session=local.session)
@@ -70,9 +71,9 @@ def served_predictions(folder: Path, coco: dict, model: str, url: str, version: 
                 if attempt == retries:
                     return im["id"], None, f"connection: {exc}"
                 time.sleep(0.5 * 2 ** attempt)
+                attempt += 1
             except (PredictionError, requests.RequestException) as exc:
                 return im["id"], None, str(exc)
-        return im["id"], None, "unreachable"
 
     results, failures = {}, {}
     with ThreadPoolExecutor(concurrency) as pool:
