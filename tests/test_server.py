@@ -152,8 +152,9 @@ def test_client_cli_draws(server, tmp_path):
     assert Image.open(out).size == Image.open(img).size
 
 
-def test_demo_model_quality_through_endpoint(server, tmp_path):
-    """The committed demo model, served, on the first 60 images of the synthetic test split."""
+def test_demo_model_quality_through_endpoint(server, model_store, tmp_path):
+    """The committed demo model, served, on the first 60 images of the synthetic test split;
+    the in-process evaluation of the same archive gives the same mAP."""
     ann = generate_split(tmp_path, "test", 60, seed=0, cfg=SynthConfig(), progress=False)
     coco = json.loads(ann.read_text())
     payloads, failures = served_predictions(ann.parent, coco, "shapes", server.inference_url, None, 2)
@@ -161,6 +162,10 @@ def test_demo_model_quality_through_endpoint(server, tmp_path):
     metrics = compute_metrics(coco, to_rows(payloads, coco), 0.5)["coco"]
     print(f"demo model on 60 test images: mAP {metrics['mAP']:.3f}, mAP@0.5 {metrics['mAP_50']:.3f}")
     assert metrics["mAP_50"] >= 0.9 and metrics["mAP"] >= 0.65
+    local = ArchiveModel(model_store / "shapes.mar")
+    offline = {im["id"]: local.predict((ann.parent / im["file_name"]).read_bytes()) for im in coco["images"]}
+    offline_metrics = compute_metrics(coco, to_rows(offline, coco), 0.5)["coco"]
+    assert abs(offline_metrics["mAP"] - metrics["mAP"]) < 1e-4
 
 
 def test_oxford_pets_resnet50_model_file_answers_curl(server, pets_mar, tmp_path):
