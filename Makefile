@@ -21,6 +21,11 @@ DATA       ?= data/shapes
 DATASET    ?= $(DATA)
 SPLIT      ?= test
 EPOCHS     ?= 12
+LIMIT      ?=
+GATE_TOLERANCE ?= 0.005
+FORCE      ?=
+A          ?=
+B          ?=
 IMAGE      ?= $(DATA)/test/test_00000.jpg
 DRAW       ?= reports/demo/detections.png
 INFERENCE_PORT  ?= 8080
@@ -28,11 +33,19 @@ MANAGEMENT_PORT ?= 8081
 METRICS_PORT    ?= 8082
 export INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT
 
-MAR        := model-store/$(NAME).mar
+MAR        := model-store/$(NAME)-$(VERSION).mar
 SERVE_ARGS := --inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT)
 ARCH_ARGS  := $(if $(MODEL_FILE),--model-file $(MODEL_FILE),--arch $(ARCH))
+URLS       := --url http://127.0.0.1:$(INFERENCE_PORT) --management-url http://127.0.0.1:$(MANAGEMENT_PORT)
+MGMT_URL   := --management-url http://127.0.0.1:$(MANAGEMENT_PORT)
+# VERSION only when given (make evaluate VERSION=2.0); otherwise the server's default version
+GIVEN_VERSION := $(if $(filter command line environment,$(origin VERSION)),--version $(VERSION))
+EVAL_ARGS  := --dataset $(DATASET) --split $(SPLIT) --threshold $(THRESHOLD) $(if $(LIMIT),--limit $(LIMIT)) $(URLS)
+# the synthetic data is generated on demand; a user's DATASET must exist
+NEEDS_DATA := $(if $(filter $(DATA),$(DATASET)),$(DATA)/.synth.json)
 
-.PHONY: help setup check-env data train train-demo archive serve stop predict evaluate demo test lint format clean
+.PHONY: help setup check-env data train train-demo archive serve stop predict evaluate demo test lint format clean \
+	register versions promote rollback compare
 
 help: ## list the targets
 	@echo "Usage: make TARGET [VAR=value ...]   (NAME=$(NAME) VERSION=$(VERSION) ARCH=$(ARCH))"
@@ -67,11 +80,11 @@ $(MAR): $(WEIGHTS) $(LABELS) $(wildcard serve_demo/*.py handlers/*.py) | $(STAMP
 	$(PY) -m serve_demo archive --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
 		--weights $(WEIGHTS) --labels $(LABELS) --threshold $(THRESHOLD) --batch-size $(BATCH_SIZE)
 
-archive: $(STAMP) ## bundle WEIGHTS + LABELS (+ MODEL_FILE) into model-store/NAME.mar
+archive: $(STAMP) ## bundle WEIGHTS + LABELS (+ MODEL_FILE) into model-store/NAME-VERSION.mar
 	$(PY) -m serve_demo archive --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
 		--weights $(WEIGHTS) --labels $(LABELS) --threshold $(THRESHOLD) --batch-size $(BATCH_SIZE)
 
-serve: $(STAMP) ## start TorchServe on 127.0.0.1 with every archive in model-store/, wait until READY
+serve: $(STAMP) ## start TorchServe on 127.0.0.1 with the recorded versions (model-store/registry.json)
 	$(PY) -m serve_demo serve $(SERVE_ARGS)
 
 stop: ## stop TorchServe and wait for the JVM to exit
@@ -81,9 +94,25 @@ predict: $(STAMP) ## post IMAGE to NAME and draw the boxes into DRAW
 	$(PY) -m serve_demo predict $(IMAGE) --model $(NAME) --draw $(DRAW) \
 		--url http://127.0.0.1:$(INFERENCE_PORT)
 
-evaluate: $(STAMP) ## COCO mAP + F2 of the served NAME [VERSION] on DATASET/SPLIT
-	$(PY) -m serve_demo evaluate --dataset $(DATASET) --split $(SPLIT) --model $(NAME) \
-		--url http://127.0.0.1:$(INFERENCE_PORT) --archive $(MAR)
+evaluate: $(NEEDS_DATA) | $(STAMP) ## COCO mAP + F2 of the served NAME [VERSION] on DATASET/SPLIT -> reports/
+	$(PY) -m serve_demo evaluate --model $(NAME) $(GIVEN_VERSION) $(EVAL_ARGS)
+
+versions: $(STAMP) ## list NAME's versions: default, served or not, workers, archive
+	$(PY) -m serve_demo versions --model $(NAME) $(MGMT_URL)
+
+register: $(STAMP) ## load model-store/NAME-VERSION.mar into the running server beside the others
+	$(PY) -m serve_demo register --model $(NAME) --version $(VERSION) $(MGMT_URL)
+
+promote: $(NEEDS_DATA) | $(STAMP) ## make VERSION NAME's default if its mAP passes the gate (GATE_TOLERANCE, FORCE=1)
+	$(PY) -m serve_demo promote --model $(NAME) --version $(VERSION) --tolerance $(GATE_TOLERANCE) \
+		$(if $(FORCE),--force) $(EVAL_ARGS)
+
+rollback: $(STAMP) ## return NAME's default to the previous default
+	$(PY) -m serve_demo rollback --model $(NAME) $(MGMT_URL)
+
+compare: $(NEEDS_DATA) | $(STAMP) ## side-by-side metrics + plot of NAME versions A and B
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make compare NAME=$(NAME) A=1.0 B=2.0"; exit 2; }
+	$(PY) -m serve_demo compare --model $(NAME) --a $(A) --b $(B) $(EVAL_ARGS)
 
 demo: data ## end to end: setup, data, archive the committed model, serve, predict, draw
 	@$(MAKE) --no-print-directory $(MAR)
@@ -103,4 +132,4 @@ format: $(STAMP) ## ruff format + fix imports
 	$(PY) -m ruff format serve_demo handlers tests scripts
 
 clean: stop ## remove built archives, build/ and reports/ (keeps .venv, data, weights)
-	rm -rf build reports model-store/*.mar
+	rm -rf build reports model-store/*.mar model-store/registry.json

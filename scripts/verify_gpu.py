@@ -2,9 +2,9 @@
 """GPU check for a person with CUDA: the handler's GPU path gives the CPU path's detections.
 
 Run on a machine with an NVIDIA GPU, after `make setup` and `make demo` (so that
-model-store/shapes.mar exists):
+model-store/shapes-1.0.mar exists):
 
-    .venv/bin/python scripts/verify_gpu.py [--mar model-store/shapes.mar] [--images 20]
+    .venv/bin/python scripts/verify_gpu.py [--mar model-store/shapes-1.0.mar] [--images 20]
 
 It loads the archive in-process twice (CPU and CUDA; CUDA also with fp16 autocast, the
 `handler.fp16: true` option), runs the same synthetic images through serve_demo.serving (the code
@@ -41,7 +41,7 @@ from serve_demo.synth import SynthConfig, render_image  # noqa: E402
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mar", default="model-store/shapes.mar")
+    p.add_argument("--mar", default="model-store/shapes-1.0.mar")
     p.add_argument("--images", type=int, default=20)
     args = p.parse_args()
     if not torch.cuda.is_available():

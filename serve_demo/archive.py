@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,9 @@ PACKAGE = Path(__file__).resolve().parent
 WORKER_MODULES = ("__init__.py", "imaging.py", "models.py", "schema.py", "serving.py")
 
 
+VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 class ArchiveError(RuntimeError):
     """The inputs do not make a servable archive; the message names what to fix."""
 
@@ -37,7 +41,8 @@ class ArchiveError(RuntimeError):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Archive options (``python -m serve_demo archive``, ``make archive``)."""
     p.add_argument("--name", required=True, help="model name (URL path /predictions/NAME)")
-    p.add_argument("--version", default="1.0", help="model version")
+    p.add_argument("--version", default="1.0",
+                   help="model version (letters, digits, . _ -); the archive is model-store/NAME-VERSION.mar")
     p.add_argument("--weights", required=True, help="state_dict file (.pt/.pth)")
     p.add_argument("--labels", required=True, help="label map JSON {\"0\": \"__background__\", ...}")
     p.add_argument("--arch", default=None, choices=available_archs(),
@@ -98,8 +103,21 @@ def check_model(stage: Path, weights: Path, model_file: Path | None, cfg: Handle
     return elapsed
 
 
+def archive_filename(name: str, version: str) -> str:
+    """``NAME-VERSION.mar``: versions of one model sit side by side in the model store."""
+    for what, value in (("model name", name), ("version", version)):
+        if not VALID_ID.fullmatch(value):
+            raise ArchiveError(f"{what} {value!r} must be letters, digits, '.', '_' or '-' "
+                               "(it becomes part of the URL /predictions/NAME/VERSION)")
+    if "-" in name:
+        raise ArchiveError(f"model name {name!r} must not contain '-' (NAME-VERSION.mar is split at it); "
+                           "use '_' instead")
+    return f"{name}-{version}.mar"
+
+
 def build(args: argparse.Namespace) -> Path:
-    """Stage, check and archive; return the ``.mar`` path."""
+    """Stage, check and archive; return the ``.mar`` path (``EXPORT/NAME-VERSION.mar``)."""
+    filename = archive_filename(args.name, str(args.version))
     weights, labels_path = Path(args.weights), Path(args.labels)
     for what, path in (("weights", weights), ("label map", labels_path), ("handler", Path(args.handler))):
         if not path.is_file():
@@ -140,13 +158,15 @@ def build(args: argparse.Namespace) -> Path:
            "--serialized-file", str(weights.resolve()), "--model-file", str(model_file.resolve()),
            "--handler", str(Path(args.handler).resolve()),
            "--extra-files", str(stage), "--config-file", str(build_dir / "model-config.yaml"),
-           "--export-path", str(export), "--force"]
+           "--export-path", str(tmp), "--force"]
     env = {**os.environ, "TMPDIR": str(tmp)}
     log.debug("running %s", " ".join(cmd))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise ArchiveError(f"torch-model-archiver failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return export / f"{args.name}.mar"
+    mar = export / filename
+    shutil.move(str(tmp / f"{args.name}.mar"), str(mar))
+    return mar
 
 
 def main(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ def _lazy(target: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import archive, client, envcheck, evaluate, server, train
+    from . import archive, client, envcheck, evaluate, server, train, versions
 
     parser = argparse.ArgumentParser(prog="serve_demo", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -63,6 +63,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="COCO mAP and F2 of a model on a dataset split")
     evaluate.add_arguments(p)
     p.set_defaults(func=_lazy("evaluate:main"))
+
+    p = sub.add_parser("versions", help="list a model's versions: default, served or not, workers, archive")
+    versions.add_common(p, version=False)
+    p.set_defaults(func=_lazy("versions:main_versions"))
+
+    p = sub.add_parser("register", help="load MODEL-VERSION.mar into the running server beside other versions")
+    versions.add_common(p)
+    p.add_argument("--workers", type=int, default=1, help="initial workers")
+    p.set_defaults(func=_lazy("versions:main_register"))
+
+    p = sub.add_parser("promote", help="make VERSION the default if it passes the mAP gate against the default")
+    versions.add_common(p, connection=False)
+    versions.add_gate_arguments(p)
+    p.add_argument("--tolerance", type=float, default=0.005,
+                   help="largest mAP@[.5:.95] drop accepted (default 0.005)")
+    p.add_argument("--force", action="store_true", help="promote even if the gate refuses")
+    p.set_defaults(func=_lazy("versions:main_promote"))
+
+    p = sub.add_parser("rollback", help="return MODEL's default to the previous default")
+    versions.add_common(p, version=False)
+    p.set_defaults(func=_lazy("versions:main_rollback"))
+
+    p = sub.add_parser("compare", help="evaluate two served versions on one split; table + plot")
+    p.add_argument("--model", required=True)
+    p.add_argument("--a", required=True, help="first version (the baseline)")
+    p.add_argument("--b", required=True, help="second version")
+    p.add_argument("--out", default=None, help="output folder (default reports/compare-MODEL-A-vs-B)")
+    versions.add_gate_arguments(p)
+    p.set_defaults(func=_lazy("versions:main_compare"))
 
     p = sub.add_parser("check-env", help="check Python packages and Java 11+")
     envcheck.add_arguments(p)

@@ -108,3 +108,63 @@ def f_beta_curve(scores: np.ndarray, tps: np.ndarray, n_gt: int, beta: float = 2
         p.append(prec)
         r.append(rec)
     return thresholds, np.asarray(f), np.asarray(p), np.asarray(r)
+
+
+def pr_curves(gt: dict, detections: list[dict], iou: float = 0.5) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """pycocotools' interpolated precision at 101 recall points, per category id, at one IoU.
+
+    Returns ``{category_id: (recall, precision)}``; precision is -1 where the recall is never reached
+    (dropped here), so each curve ends at the category's maximum recall.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    if not detections:
+        return {}
+    coco_gt = _coco_gt(gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(detections)), "bbox")
+        ev.params.iouThrs = np.array([iou])
+        ev.evaluate()
+        ev.accumulate()
+    precision = ev.eval["precision"]  # [iou, recall, category, area, maxDets]
+    recall = np.asarray(ev.params.recThrs)
+    curves = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = precision[0, :, k, 0, -1]
+        keep = p >= 0
+        curves[int(cat_id)] = (recall[keep], p[keep])
+    return curves
+
+
+def image_errors(gt: dict, detections: list[dict], threshold: float, iou: float = 0.5) -> dict[int, tuple[int, int]]:
+    """``{image_id: (false positives, missed objects)}`` at a score threshold and one IoU.
+
+    Uses pycocotools' greedy matching (highest scores first), so a detection kept at the
+    threshold is a true positive exactly when pycocotools matched it.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    errors = {int(im["id"]): [0, 0] for im in gt["images"]}
+    for a in gt["annotations"]:
+        if not a.get("iscrowd"):
+            errors[int(a["image_id"])][1] += 1
+    if not detections:
+        return {k: (v[0], v[1]) for k, v in errors.items()}
+    coco_gt = _coco_gt(gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(detections)), "bbox")
+        ev.params.iouThrs = np.array([iou])
+        ev.params.areaRng = [ev.params.areaRng[0]]
+        ev.params.areaRngLbl = ["all"]
+        ev.evaluate()
+    for e in ev.evalImgs:
+        if e is None:
+            continue
+        counts = errors[int(e["image_id"])]
+        for d, score in enumerate(e["dtScores"]):
+            if score >= threshold and not e["dtIgnore"][0][d]:
+                if e["dtMatches"][0][d] > 0:
+                    counts[1] -= 1  # an object found
+                else:
+                    counts[0] += 1
+    return {k: (v[0], v[1]) for k, v in errors.items()}

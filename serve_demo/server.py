@@ -91,6 +91,7 @@ class TorchServe:
             "grpc_inference_port": str(self.grpc_inference_port),
             "grpc_management_port": str(self.grpc_management_port),
             "model_store": str(self.model_store),
+            "allowed_urls": f"file://{self.model_store}/.*",
             "load_models": self.models,
             "vmargs": f"-Xmx1g -XX:+UseContainerSupport -Djava.io.tmpdir={self.tmp}",
         })
@@ -206,26 +207,30 @@ def from_args(args: argparse.Namespace) -> TorchServe:
 
 def main_serve(args: argparse.Namespace) -> int:
     """``make serve``: start, wait for READY workers, print models and a curl line."""
+    from .management import Management
+    from .versions import VersionError, start_from_registry
+
     ts = from_args(args)
-    mars = sorted(ts.model_store.glob("*.mar"))
-    if not mars:
-        print(f"no archives in {ts.model_store}: run `make archive` (or `make demo`) first", file=sys.stderr)
-        return 2
-    if ts.pid():
-        print(f"TorchServe already running (pid {ts.pid()}); `make stop` to restart it")
-    else:
-        ts.start()
     try:
-        status = ts.wait_ready(args.timeout)
+        if ts.pid():
+            print(f"TorchServe already running (pid {ts.pid()}); `make stop` to restart it")
+            status = ts.wait_ready(args.timeout)
+        else:
+            status = start_from_registry(ts, args.timeout)
+    except VersionError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
     except TimeoutError as exc:
         print(str(exc), file=sys.stderr)
         return 1
     print(f"TorchServe ready at {ts.inference_url} (management {ts.management_url}, "
           f"metrics {ts.metrics_url}, logs {ts.home / 'logs'})")
+    defaults = {name: Management(ts.management_url, home=ts.home).default_version(name) for name in status}
     for name, versions in status.items():
         for v in versions:
             workers = ", ".join(w["status"] for w in v["workers"])
-            print(f"  {name} {v['modelVersion']}: batch {v['batchSize']}, workers [{workers}]")
+            default = " (default)" if str(v["modelVersion"]) == defaults[name] else ""
+            print(f"  {name} {v['modelVersion']}{default}: batch {v['batchSize']}, workers [{workers}]")
     first = next(iter(status))
     print(f"try:\n  curl -X POST {ts.inference_url}/predictions/{first} -T IMAGE.jpg")
     return 0

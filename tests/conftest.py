@@ -86,13 +86,27 @@ def model_store(tmp_path_factory, fixed_weights) -> Path:
 
 
 @pytest.fixture(scope="session")
+def test_split(tmp_path_factory) -> Path:
+    """A COCO dataset root holding the first 60 images of the synthetic test split (seed 0)."""
+    from serve_demo.synth import generate_split
+
+    root = tmp_path_factory.mktemp("data")
+    generate_split(root, "test", 60, seed=0, cfg=SynthConfig(), progress=False)
+    return root
+
+
+def make_server(home: Path, store: Path) -> TorchServe:
+    """A TorchServe on free loopback ports with the shipped config (not started)."""
+    ports = free_ports(5)
+    return TorchServe(home=home, model_store=store, inference_port=ports[0], management_port=ports[1],
+                      metrics_port=ports[2], grpc_inference_port=ports[3], grpc_management_port=ports[4],
+                      base_config=ROOT / "docker" / "config.properties")
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory, model_store):
     """A real TorchServe on free loopback ports with the shipped config."""
-    ports = free_ports(5)
-    ts = TorchServe(home=tmp_path_factory.mktemp("ts-home"), model_store=model_store,
-                    inference_port=ports[0], management_port=ports[1], metrics_port=ports[2],
-                    grpc_inference_port=ports[3], grpc_management_port=ports[4],
-                    base_config=ROOT / "docker" / "config.properties")
+    ts = make_server(tmp_path_factory.mktemp("ts-home"), model_store)
     ts.start()
     try:
         ts.wait_ready(timeout=180, expect=["shapes", "shapes_b4", "fixed"])

@@ -30,11 +30,22 @@ def test_archive_contents(tmp_path, dirs, labels6):
     torch.save(build_model("fcos_tiny", 6).state_dict(), weights)
     mar = build(archive_args(name="det", version="2.0", weights=str(weights), labels=str(labels6),
                              arch="fcos_tiny", **dirs))
+    assert mar.name == "det-2.0.mar" and mar.parent.name == "store"
     names = set(zipfile.ZipFile(mar).namelist())
     assert {"w.pt", "index_to_name.json", "model-config.yaml", "detector_handler.py",
             "serve_demo/serving.py", "serve_demo/models.py", "MAR-INF/MANIFEST.json"} <= names
     manifest = json.loads(zipfile.ZipFile(mar).read("MAR-INF/MANIFEST.json"))
     assert manifest["model"]["modelVersion"] == "2.0"
+
+
+@pytest.mark.parametrize("name,version,match", [
+    ("det", "2.0/../x", "version '2.0/../x' must be letters"),
+    ("my-det", "1.0", "must not contain '-'"),
+    ("", "1.0", "model name '' must be"),
+])
+def test_bad_name_or_version_named(dirs, labels6, name, version, match):
+    with pytest.raises(ArchiveError, match=match):
+        build(archive_args(name=name, version=version, weights="w.pt", labels=str(labels6), **dirs))
 
 
 def test_label_map_size_mismatch_named(tmp_path, dirs):

@@ -17,9 +17,8 @@ from PIL import Image
 
 from serve_demo import schema
 from serve_demo.archive import build
-from serve_demo.evaluate import ArchiveModel, compute_metrics, served_predictions, to_rows
+from serve_demo.evaluate import ArchiveModel
 from serve_demo.models import build_model
-from serve_demo.synth import SynthConfig, generate_split
 from tests.conftest import ASSETS, ROOT, archive_args, encode, post, synth_image
 
 pytestmark = pytest.mark.server
@@ -129,7 +128,7 @@ def test_unknown_label_id_reported_by_number(server):
 
 
 def test_served_equals_in_process(server, model_store):
-    local = ArchiveModel(model_store / "shapes.mar")
+    local = ArchiveModel(model_store / "shapes-1.0.mar")
     for seed in (40, 41, 42):
         data = encode(synth_image(seed))
         served = post(server, "shapes", data, {"X-Response-Format": "detailed", "X-Threshold": "0"}).json()
@@ -152,25 +151,42 @@ def test_client_cli_draws(server, tmp_path):
     assert Image.open(out).size == Image.open(img).size
 
 
-def test_demo_model_quality_through_endpoint(server, model_store, tmp_path):
-    """The committed demo model, served, on the first 60 images of the synthetic test split;
-    the in-process evaluation of the same archive gives the same mAP."""
-    ann = generate_split(tmp_path, "test", 60, seed=0, cfg=SynthConfig(), progress=False)
-    coco = json.loads(ann.read_text())
-    payloads, failures = served_predictions(ann.parent, coco, "shapes", server.inference_url, None, 2)
-    assert not failures
-    metrics = compute_metrics(coco, to_rows(payloads, coco), 0.5)["coco"]
-    print(f"demo model on 60 test images: mAP {metrics['mAP']:.3f}, mAP@0.5 {metrics['mAP_50']:.3f}")
-    assert metrics["mAP_50"] >= 0.9 and metrics["mAP"] >= 0.65
-    local = ArchiveModel(model_store / "shapes.mar")
-    offline = {im["id"]: local.predict((ann.parent / im["file_name"]).read_bytes()) for im in coco["images"]}
-    offline_metrics = compute_metrics(coco, to_rows(offline, coco), 0.5)["coco"]
-    assert abs(offline_metrics["mAP"] - metrics["mAP"]) < 1e-4
+def test_demo_model_evaluated_served_and_offline(server, model_store, test_split, tmp_path):
+    """`serve_demo evaluate` on the committed demo model (first 60 synthetic test images), through
+    the endpoint and in-process from its archive: same mAP, complete report folders."""
+    from serve_demo.evaluate import evaluate, sha256
+    from serve_demo.management import Management
+
+    mar = model_store / "shapes-1.0.mar"
+    served = evaluate(test_split, "test", model="shapes", url=server.inference_url,
+                      management=Management(server.management_url), store=model_store, concurrency=2,
+                      out=tmp_path / "served")
+    offline = evaluate(test_split, "test", offline=mar, out=tmp_path / "offline")
+    m, o = served["metrics"]["coco"], offline["metrics"]["coco"]
+    print(f"demo model on 60 test images: served mAP {m['mAP']:.4f} (mAP@0.5 {m['mAP_50']:.4f}), "
+          f"offline mAP {o['mAP']:.4f}")
+    assert m["mAP_50"] >= 0.9 and m["mAP"] >= 0.65
+    assert abs(o["mAP"] - m["mAP"]) < 1e-4
+    for result, folder in ((served, tmp_path / "served"), (offline, tmp_path / "offline")):
+        assert result["failures"] == {} and result["images"] == 60
+        assert (result["model"], result["version"]) == ("shapes", "1.0")
+        assert result["archive_sha256"] == sha256(mar)
+        assert 0 < result["metrics"]["f2"]["f2"] <= result["metrics"]["f2"]["best_f2"] <= 1
+        saved = json.loads((folder / "metrics.json").read_text())
+        assert saved["metrics"]["coco"]["mAP"] == result["metrics"]["coco"]["mAP"]
+        for png in ("pr_curves.png", "f2_threshold.png"):
+            assert Image.open(folder / png).size[0] > 500
+        samples = sorted((folder / "samples").glob("*.png"))
+        assert len(samples) == 6
+        report = (folder / "report.md").read_text()
+        assert "| mAP |" in report and "![F2 vs threshold](f2_threshold.png)" in report
+        assert all(f"samples/{p.name}" in report for p in samples)
+    assert served["dataset_sha256"] == offline["dataset_sha256"]
 
 
 def test_oxford_pets_resnet50_model_file_answers_curl(server, pets_mar, tmp_path):
     """The seed's way: model.py + a 3-class fasterrcnn_resnet50_fpn state_dict, served by a second
-    instance from its own store (the registration API is off, so models load at start-up)."""
+    instance from its own store, loaded at start-up."""
     from serve_demo.server import TorchServe
     from tests.conftest import free_ports
 

@@ -1,0 +1,175 @@
+"""Versions: the registry's pure logic, then the whole life cycle against a real TorchServe.
+
+The life-cycle test serves two versions of one model trained differently: ``det 1.0`` is the
+1-epoch checkpoint (``weights/shapes_1ep.pt``), ``det 2.0`` the 9-epoch demo model.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import requests
+
+from serve_demo import cli
+from serve_demo.archive import build
+from serve_demo.management import Management
+from serve_demo.versions import Registry, VersionError, gate_table, start_from_registry, version_key
+from tests.conftest import DEMO_LABELS, DEMO_WEIGHTS, ROOT, archive_args, encode, make_server, synth_image
+
+EARLY_WEIGHTS = ROOT / "weights" / "shapes_1ep.pt"
+
+
+def fake_mar(path: Path, name: str, version: str) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": name, "modelVersion": version}}))
+    return path
+
+
+def test_version_order_is_natural():
+    assert sorted(["1.10", "1.9", "2.0", "1.0-rc1", "1.0"], key=version_key) == ["1.0", "1.0-rc1", "1.9", "1.10", "2.0"]
+
+
+def test_registry_default_history_and_rollback(tmp_path):
+    reg = Registry.load(tmp_path)
+    reg.add("det", "1.0", "det-1.0.mar")
+    reg.add("det", "2.0", "det-2.0.mar")
+    assert reg.models["det"]["default"] == "1.0"  # the first registered, like TorchServe
+    assert reg.set_default("det", "2.0", {"mAP_to": 0.8}) == "1.0"
+    reg.save()
+    reg = Registry.load(tmp_path)
+    assert reg.models["det"]["default"] == "2.0" and reg.models["det"]["history"] == ["1.0"]
+    assert reg.models["det"]["log"][-1]["mAP_to"] == 0.8
+    assert reg.rollback("det") == ("2.0", "1.0")
+    with pytest.raises(VersionError, match="no previous default"):
+        reg.rollback("det")
+    with pytest.raises(VersionError, match="not registered"):
+        reg.set_default("det", "3.0")
+
+
+def test_registry_sync_with_store(tmp_path):
+    fake_mar(tmp_path / "det-1.0.mar", "det", "1.0")
+    fake_mar(tmp_path / "det-1.10.mar", "det", "1.10")
+    fake_mar(tmp_path / "other-1.0.mar", "other", "1.0")
+    (tmp_path / "broken.mar").write_bytes(b"not a zip")
+    reg = Registry.load(tmp_path)
+    warnings = reg.sync(tmp_path)
+    assert any("broken.mar is not a model archive" in w for w in warnings)
+    # a model without a record serves its highest version; the others wait for `make register`
+    assert reg.models["det"]["versions"] == {"1.10": "det-1.10.mar"}
+    assert reg.load_plan() == (["det-1.10.mar", "other-1.0.mar"], [])
+    reg.add("det", "1.0", "det-1.0.mar")
+    reg.set_default("det", "1.0")
+    assert reg.load_plan() == (["det-1.0.mar", "other-1.0.mar"], ["det-1.10.mar"])
+    (tmp_path / "det-1.0.mar").unlink()
+    assert any("det-1.0.mar is gone" in w for w in reg.sync(tmp_path))
+    assert reg.models["det"]["default"] == "1.10"
+
+
+def _result(version: str, mAP: float, failures: int = 0) -> dict:
+    coco = dict.fromkeys(("mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large", "AR_100"), 0.5)
+    f2 = {"threshold": 0.5, "f2": 0.5, "best_f2": 0.6, "best_threshold": 0.4}
+    return {"version": version, "images": 10, "failures": {i: "x" for i in range(failures)},
+            "metrics": {"coco": {"mAP": mAP, **coco}, "f2": f2}}
+
+
+@pytest.mark.parametrize("candidate,failures,accepted", [
+    (0.700, 0, True), (0.696, 0, True), (0.694, 0, False), (0.800, 1, False),
+])
+def test_gate_tolerance(candidate, failures, accepted):
+    ok, table = gate_table(_result("1.0", 0.700), _result("2.0", candidate, failures), tolerance=0.005)
+    assert ok is accepted
+    assert "default 1.0" in table and "candidate 2.0" in table and f"{candidate - 0.7:+.4f}" in table
+
+
+# --------------------------------------------------------------------------- real TorchServe
+
+
+def detailed_version(ts, path: str) -> str:
+    r = requests.post(f"{ts.inference_url}/predictions/{path}", data=encode(synth_image(5)),
+                      headers={"Content-Type": "image/jpeg", "X-Response-Format": "detailed"}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["version"]
+
+
+def test_version_life_cycle(tmp_path, test_split, monkeypatch, capsys):
+    """Archive, serve, register a second version, gate, promote, force, roll back, restart."""
+    assert EARLY_WEIGHTS.is_file(), "weights/shapes_1ep.pt is committed (1-epoch run of the demo recipe)"
+    monkeypatch.chdir(tmp_path)  # reports/ goes here
+    store, build_dir = tmp_path / "store", tmp_path / "build"
+    common = dict(name="det", labels=str(DEMO_LABELS), arch="fcos_tiny", export_path=str(store),
+                  build_dir=str(build_dir))
+    build(archive_args(version="1.0", weights=str(EARLY_WEIGHTS), **common))
+    ts = make_server(tmp_path / "home", store)
+    mgmt = Management(ts.management_url)
+    conn = ["--management-url", ts.management_url, "--model-store", str(store), "--home", str(ts.home)]
+    gate = ["--url", ts.inference_url, "--dataset", str(test_split), "--limit", "30", *conn]
+
+    def run(*argv: str) -> tuple[int, str]:
+        rc = cli.main(list(argv))
+        return rc, capsys.readouterr().out
+
+    start_from_registry(ts)
+    try:
+        assert mgmt.default_version("det") == "1.0"
+        build(archive_args(version="2.0", weights=str(DEMO_WEIGHTS), **common))
+        rc, out = run("register", "--model", "det", "--version", "2.0", *conn)
+        assert rc == 0, out
+        assert "registered det 2.0" in out
+        assert detailed_version(ts, "det/1.0") == "1.0"
+        assert detailed_version(ts, "det/2.0") == "2.0"
+        assert detailed_version(ts, "det") == "1.0"
+
+        rc, out = run("promote", "--model", "det", "--version", "2.0", *gate)
+        assert rc == 0, out
+        assert "PROMOTED" in out and "default 1.0" in out and "candidate 2.0" in out
+        assert detailed_version(ts, "det") == "2.0"
+
+        rc, out = run("promote", "--model", "det", "--version", "1.0", *gate)
+        assert rc == 3, out
+        assert "REFUSED" in out and "mAP " in out
+        assert detailed_version(ts, "det") == "2.0"
+        rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("mAP ")}
+        print(f"gate: default 2.0 mAP {rows['mAP'][1]}, candidate 1.0 mAP {rows['mAP'][2]}")
+
+        rc, out = run("promote", "--model", "det", "--version", "1.0", "--force", *gate)
+        assert rc == 0 and "promoting anyway" in out
+        assert detailed_version(ts, "det") == "1.0"
+        rc, out = run("rollback", "--model", "det", *conn)
+        assert rc == 0 and "answers with 2.0 again" in out
+        assert detailed_version(ts, "det") == "2.0"
+
+        rc, out = run("compare", "--model", "det", "--a", "1.0", "--b", "2.0", *gate)
+        assert rc == 0, out
+        assert (tmp_path / "reports" / "compare-det-1.0-vs-2.0" / "compare.png").stat().st_size > 10_000
+
+        rc, out = run("versions", "--model", "det", *conn)
+        assert "det: default 2.0; previous defaults (rollback order): 1.0" in out
+
+        ts.stop()
+        start_from_registry(ts)  # what `make serve` does: same versions, same default
+        assert mgmt.default_version("det") == "2.0"
+        assert {str(v["modelVersion"]) for v in mgmt.versions("det")} == {"1.0", "2.0"}
+        assert detailed_version(ts, "det") == "2.0"
+        rc, out = run("rollback", "--model", "det", *conn)
+        assert rc == 0
+        assert detailed_version(ts, "det") == "1.0"
+        log = json.loads((store / "registry.json").read_text())["models"]["det"]["log"]
+        assert [(e["action"], e["to"], e.get("forced")) for e in log] == [
+            ("promote", "2.0", False), ("promote", "1.0", True), ("rollback", "2.0", None), ("rollback", "1.0", None)]
+    finally:
+        ts.stop()
+
+
+def test_register_refuses_what_is_not_in_the_store(server, capsys):
+    """Only archives already in the model store: no file, or any URL, is refused."""
+    conn = ["--management-url", server.management_url, "--model-store", str(server.model_store)]
+    assert cli.main(["register", "--model", "shapes", "--version", "9.9", *conn]) == 2
+    assert "shapes-9.9.mar not found" in capsys.readouterr().err
+    for url in ("http://127.0.0.1:9/evil.mar", "file:///etc/passwd", "../shapes-1.0.mar"):
+        r = requests.post(f"{server.management_url}/models", params={"url": url}, timeout=30)
+        assert r.status_code in (400, 404), (url, r.status_code, r.text)
+    assert cli.main(["promote", "--model", "shapes", "--version", "9.9", *conn[:2]]) == 2
+    assert "register it first" in capsys.readouterr().err
