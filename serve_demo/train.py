@@ -94,6 +94,14 @@ def export_weights(model: torch.nn.Module, path: Path, fp16: bool) -> None:
     tmp.replace(path)
 
 
+def command_line() -> str:
+    """How this run was started, as a user would type it."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("__main__.py", "serve_demo")):
+        argv[0] = "python -m serve_demo"
+    return " ".join(argv)
+
+
 def main(args: argparse.Namespace) -> int:
     """Run training; return a process exit code."""
     from tqdm import tqdm
@@ -177,7 +185,8 @@ def main(args: argparse.Namespace) -> int:
         history.append(record)
         (run_dir / "history.json").write_text(json.dumps(history, indent=1))
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "args": vars(args),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch,
+                    "args": {k: v for k, v in vars(args).items() if not callable(v)},
                     "arch": args.arch, "label_map": label_map, "history": history,
                     "elapsed_s": elapsed, "rng": torch.get_rng_state()}, run_dir / "checkpoint.tmp")
         (run_dir / "checkpoint.tmp").replace(ckpt_path)
@@ -193,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
     card = {"name": args.name, "arch": args.arch, "data": str(args.data), "seed": args.seed,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
             "device": str(device), "threads": torch.get_num_threads(),
-            "train_minutes": round(elapsed / 60, 1), "command": " ".join(sys.argv),
+            "train_minutes": round(elapsed / 60, 1), "command": command_line(),
             "final": history[-1] if history else {}}
     (Path(args.weights_dir) / f"{args.name}.json").write_text(json.dumps(card, indent=1) + "\n")
     log.info("Wrote %s (%.1f MB), %s and the training card %s.json",

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from serve_demo import schema
-from serve_demo.cocometrics import coco_bbox_metrics, f_beta_curve, matches_at_iou
+from serve_demo.cocometrics import coco_bbox_metrics, f_beta_curve, image_errors, matches_at_iou, pr_curves
 from serve_demo.data import CocoDetection, label_map_from_coco
 from serve_demo.imaging import RequestError, decode_image
 from serve_demo.models import build_model, load_weights
@@ -151,6 +151,24 @@ def test_metrics_perfect_and_f2():
     scores, tps, n = matches_at_iou(gt, half)
     _, f2, p, r = f_beta_curve(scores, tps, n, thresholds=np.array([0.5]))
     assert (p[0], r[0]) == (0.5, 0.5) and f2[0] == pytest.approx(0.5)
+
+
+def test_image_errors_and_pr_curves():
+    gt = {"images": [{"id": 1, "width": 100, "height": 100}, {"id": 2, "width": 100, "height": 100}],
+          "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30]},
+                          {"id": 2, "image_id": 1, "category_id": 2, "bbox": [50, 50, 20, 20]},
+                          {"id": 3, "image_id": 2, "category_id": 1, "bbox": [5, 5, 40, 40]}]}
+    rows = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "score": 0.9},  # found
+            {"image_id": 1, "category_id": 1, "bbox": [60, 0, 30, 30], "score": 0.8},  # false positive
+            {"image_id": 1, "category_id": 2, "bbox": [50, 50, 20, 20], "score": 0.3},  # found, below 0.5
+            {"image_id": 2, "category_id": 1, "bbox": [5, 5, 40, 41], "score": 0.7}]  # found
+    assert image_errors(gt, rows, threshold=0.5) == {1: (1, 1), 2: (0, 0)}
+    assert image_errors(gt, rows, threshold=0.2) == {1: (1, 0), 2: (0, 0)}
+    curves = pr_curves(gt, rows)
+    recall, precision = curves[1]
+    assert recall[-1] == pytest.approx(1.0) and precision[0] == pytest.approx(1.0)
+    assert precision[-1] == pytest.approx(2 / 3)  # the false positive outscores the 2nd object of class 1
 
 
 def test_load_weights_names_mismatch():
