@@ -189,6 +189,10 @@ def pick_samples(coco: dict, rows: list[dict], threshold: float, n: int = 6) -> 
     return [(by_id[i], *errors[i]) for i in bad + clean]
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def write_samples(out: Path, folder: Path, coco: dict, payloads: dict[int, Any], rows: list[dict],
                   threshold: float, n: int = 6) -> list[tuple[str, str]]:
     """Annotated sample images under ``out/samples``; returns ``[(relative path, caption)]``."""
@@ -205,7 +209,8 @@ def write_samples(out: Path, folder: Path, coco: dict, payloads: dict[int, Any],
                 truth.append(schema.Detection(names[a["category_id"]], a["category_id"], 1.0, (x, y, x + w, y + h)))
         predicted = [d for d in schema.parse_detections(payloads.get(im["id"], {"detections": []}))
                      if d.score >= threshold]
-        caption = f"{im['file_name']}: {len(truth)} objects, {fp} false positives, {fn} missed"
+        caption = (f"{im['file_name']}: {plural(len(truth), 'object')}, {plural(fp, 'false positive')}, "
+                   f"{fn} missed")
         rel = f"samples/{Path(im['file_name']).stem}.png"
         draw_sample(load_rgb(folder / im["file_name"]), truth, predicted, caption).save(out / rel)
         written.append((rel, caption))

@@ -100,8 +100,9 @@ def draw_sample(image: Image.Image, truth: list[Detection], predicted: list[Dete
     def scaled(d: Detection) -> Detection:
         return Detection(d.label, d.label_id, d.score, tuple(v * scale for v in d.box))
 
-    out = draw_detections(big, [scaled(d) for d in truth], width=1, color=(0, 255, 0), caption=False)
-    out = draw_detections(out, [scaled(d) for d in predicted], width=3)
+    out = draw_detections(big, [scaled(d) for d in predicted], width=3)
+    # ground truth on top, thin, so it stays visible where a prediction sits right on it
+    out = draw_detections(out, [scaled(d) for d in truth], width=1, color=(0, 255, 0), caption=False)
     banner = Image.new("RGB", (out.width, 18), (32, 32, 32))
     ImageDraw.Draw(banner).text((4, 3), caption, fill=(255, 255, 255))
     canvas = Image.new("RGB", (out.width, out.height + banner.height))

@@ -331,8 +331,10 @@ def main_promote(args: argparse.Namespace) -> int:
             "images": cand["images"], "dataset_sha256": cand["dataset_sha256"], "forced": False}
     if not accepted:
         if not args.force:
-            print(f"REFUSED: {args.version} is worse than {current} by more than {args.tolerance} mAP "
-                  f"(or had failed requests); the default stays {current}. FORCE=1 (--force) overrides.")
+            drop = base["metrics"]["coco"]["mAP"] - cand["metrics"]["coco"]["mAP"]
+            why = (f"{len(cand['failures'])} of its requests failed" if cand["failures"] else
+                   f"its mAP@[.5:.95] is {drop:.4f} lower than {current}'s (tolerance {args.tolerance})")
+            print(f"REFUSED: {why}; the default stays {current}. FORCE=1 (--force) overrides.")
             return EXIT_REFUSED
         note["forced"] = True
         print("gate failed, promoting anyway (--force)")
