@@ -45,7 +45,7 @@ EVAL_ARGS  := --dataset $(DATASET) --split $(SPLIT) --threshold $(THRESHOLD) $(i
 NEEDS_DATA := $(if $(filter $(DATA),$(DATASET)),$(DATA)/.synth.json)
 
 .PHONY: help setup check-env data train train-demo archive serve stop predict evaluate demo test lint format clean \
-	register versions promote rollback compare
+	register versions promote rollback compare key
 
 help: ## list the targets
 	@echo "Usage: make TARGET [VAR=value ...]   (NAME=$(NAME) VERSION=$(VERSION) ARCH=$(ARCH))"
@@ -86,6 +86,10 @@ archive: $(STAMP) ## bundle WEIGHTS + LABELS (+ MODEL_FILE) into model-store/NAM
 
 serve: $(STAMP) ## start TorchServe on 127.0.0.1 with the recorded versions (model-store/registry.json)
 	$(PY) -m serve_demo serve $(SERVE_ARGS)
+
+key: ## print the running server's inference key (curl ... -H "Authorization: Bearer $$(make -s key)")
+	@$(PY) -c "from serve_demo.management import read_key; import sys; k = read_key('build/server', 'inference'); \
+		print(k) if k else sys.exit('no key: is the server running (make serve) with token authorization on?')"
 
 stop: ## stop TorchServe and wait for the JVM to exit
 	@if [ -x $(PY) ]; then $(PY) -m serve_demo stop $(SERVE_ARGS); fi

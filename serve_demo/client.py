@@ -50,6 +50,9 @@ def predict_bytes(data: bytes, model: str, url: str = DEFAULT_URL, version: str 
     except ValueError:
         body = resp.text
     if resp.status_code != 200:
+        if isinstance(body, dict) and body.get("type") == "InvalidKeyException":
+            body = {**body, "message": f"{body.get('message')} (token authorization is on: pass --token, or "
+                                       "--home pointing at the server's folder with key_file.json)"}
         raise PredictionError(resp.status_code, body)
     return body
 
@@ -81,7 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None, help="score threshold for this request")
     p.add_argument("--format", dest="response_format", choices=("stock", "detailed"), default=None)
     p.add_argument("--token", default=os.environ.get("TS_INFERENCE_TOKEN"),
-                   help="inference token when token authorization is on (env TS_INFERENCE_TOKEN)")
+                   help="inference token when token authorization is on (env TS_INFERENCE_TOKEN; "
+                        "default: the key in HOME/key_file.json)")
+    p.add_argument("--home", default="build/server", help="the local server's folder (its key_file.json)")
     p.add_argument("--draw", default=None,
                    help="save the image with boxes drawn: a file for one image, a folder for several")
 
@@ -89,13 +94,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Print each image's JSON answer; exit 1 if any request failed."""
     from .draw import save_drawing
+    from .management import read_key
 
+    token = args.token or read_key(args.home, "inference")
     failed = 0
     for image in args.images:
         try:
             body = predict_file(image, args.model, url=args.url, version=args.version,
                                 threshold=args.threshold, response_format=args.response_format,
-                                token=args.token)
+                                token=token)
         except (PredictionError, requests.ConnectionError, OSError) as exc:
             print(f"{image}: {exc}", file=sys.stderr)
             failed += 1

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import sys
 import tempfile
 import threading
@@ -30,7 +31,7 @@ from . import schema
 from .client import DEFAULT_URL, PredictionError, predict_bytes
 from .cocometrics import coco_bbox_metrics, f_beta_curve, image_errors, matches_at_iou, pr_curves
 from .data import load_coco, load_rgb, split_dir
-from .management import DEFAULT_MANAGEMENT_URL, Management, ManagementError
+from .management import DEFAULT_MANAGEMENT_URL, Management, ManagementError, read_key
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +294,7 @@ def evaluate(dataset: str | Path, split: str = "test", *, model: str = "shapes",
              url: str = DEFAULT_URL, management: Management | None = None, store: Path = Path("model-store"),
              offline: Path | None = None, archive: Path | None = None, concurrency: int = 4,
              threshold: float = 0.5, limit: int | None = None, out: Path | None = None,
-             reuse: bool = False, samples: int = 6) -> dict:
+             reuse: bool = False, samples: int = 6, token: str | None = None) -> dict:
     """Evaluate one model version (served, or ``offline`` from an archive) and write its report.
 
     With ``reuse``, a report in the output folder made from the same archive checksum, dataset
@@ -332,7 +333,7 @@ def evaluate(dataset: str | Path, split: str = "test", *, model: str = "shapes",
         for im in tqdm(coco["images"], desc=f"predict {name} {version} offline", file=sys.stderr, unit="img"):
             payloads[im["id"]] = local.predict((folder / im["file_name"]).read_bytes())
     else:
-        payloads, failures = served_predictions(folder, coco, model, url, version, concurrency)
+        payloads, failures = served_predictions(folder, coco, model, url, version, concurrency, token=token)
         first = next(iter(payloads.values()), {})
         version = version or first.get("version", "unknown")
     out = Path(out or f"reports/{name}-{version}")
@@ -363,6 +364,8 @@ def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL,
                    help="management API (finds the archive behind a version)")
     p.add_argument("--token", default=None, help="management token (default: HOME/key_file.json if present)")
+    p.add_argument("--inference-token", default=os.environ.get("TS_INFERENCE_TOKEN"),
+                   help="inference token (default: HOME/key_file.json if present)")
     p.add_argument("--home", default="build/server", help="the server's state folder (its key_file.json)")
     p.add_argument("--model-store", default="model-store")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
@@ -381,6 +384,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="report folder (default reports/MODEL-VERSION[-offline])")
 
 
+def inference_token(args: argparse.Namespace) -> str | None:
+    return args.inference_token or read_key(args.home, "inference")
+
+
 def management_from_args(args: argparse.Namespace) -> Management:
     return Management(args.management_url, token=args.token, home=args.home)
 
@@ -393,7 +400,8 @@ def main(args: argparse.Namespace) -> int:
                           offline=Path(args.offline) if args.offline else None,
                           archive=Path(args.archive) if args.archive else None, concurrency=args.concurrency,
                           threshold=args.threshold, limit=args.limit,
-                          out=Path(args.out) if args.out else None, samples=args.samples)
+                          out=Path(args.out) if args.out else None, samples=args.samples,
+                          token=inference_token(args))
     except ManagementError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2

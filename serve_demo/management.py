@@ -43,11 +43,18 @@ class Management:
     def __init__(self, url: str = DEFAULT_MANAGEMENT_URL, token: str | None = None,
                  home: str | Path | None = None, timeout: float = 30) -> None:
         self.url = url.rstrip("/")
-        self.token = token or os.environ.get("TS_MANAGEMENT_TOKEN") or (read_key(home) if home else None)
+        self._token = token or os.environ.get("TS_MANAGEMENT_TOKEN")
+        self.home = home
         self.timeout = timeout
 
+    @property
+    def token(self) -> str | None:
+        """The given token, else the key file's current one (read per call: restarts and rotations)."""
+        return self._token or (read_key(self.home) if self.home else None)
+
     def _call(self, method: str, path: str, timeout: float | None = None, **params: Any) -> Any:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        token = self.token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             resp = requests.request(method, f"{self.url}{path}", params=params or None, headers=headers,
                                     timeout=timeout or self.timeout)

@@ -127,11 +127,24 @@ class TorchServe:
         subprocess.run(cmd, env=self.env(), cwd=self.home, stdout=out, stderr=subprocess.STDOUT,
                        check=True, stdin=subprocess.DEVNULL)
 
+    def key(self, kind: str = "management") -> str | None:
+        """This instance's ``management`` or ``inference`` key (None when token authorization is off)."""
+        from .management import read_key
+
+        return read_key(self.home, kind)
+
+    def auth(self, kind: str = "management") -> dict[str, str]:
+        """The ``Authorization`` header for ``kind`` requests, or nothing when tokens are off."""
+        key = self.key(kind)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
     def models_status(self) -> dict[str, list[dict]]:
         """``{name: [version descriptions]}`` from the management API."""
+        h = self.auth()
         names = [m["modelName"] for m in
-                 requests.get(f"{self.management_url}/models", timeout=5).json().get("models", [])]
-        return {n: requests.get(f"{self.management_url}/models/{n}/all", timeout=5).json() for n in names}
+                 requests.get(f"{self.management_url}/models", headers=h, timeout=5).json().get("models", [])]
+        return {n: requests.get(f"{self.management_url}/models/{n}/all", headers=h, timeout=5).json()
+                for n in names}
 
     def wait_ready(self, timeout: float = 120.0, expect: list[str] | None = None) -> dict[str, list[dict]]:
         """Poll until every worker of every model (and each of ``expect``) is READY.
@@ -232,7 +245,12 @@ def main_serve(args: argparse.Namespace) -> int:
             default = " (default)" if str(v["modelVersion"]) == defaults[name] else ""
             print(f"  {name} {v['modelVersion']}{default}: batch {v['batchSize']}, workers [{workers}]")
     first = next(iter(status))
-    print(f"try:\n  curl -X POST {ts.inference_url}/predictions/{first} -T IMAGE.jpg")
+    key = ts.key("inference")
+    auth = f' -H "Authorization: Bearer {key}"' if key else ""
+    print(f"try:\n  curl -X POST {ts.inference_url}/predictions/{first} -T IMAGE.jpg{auth}")
+    if key:
+        print(f"  (token authorization is on: keys in {ts.home / 'key_file.json'}; `make key` prints the "
+              "inference key; serve_demo predict/evaluate read it from there)")
     return 0
 
 

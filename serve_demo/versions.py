@@ -301,11 +301,12 @@ def gate_table(default: dict, candidate: dict, tolerance: float,
 
 
 def _evaluate_versions(args: argparse.Namespace, mgmt: Management, versions: list[str]) -> list[dict]:
-    from .evaluate import evaluate
+    from .evaluate import evaluate, inference_token
 
     return [evaluate(args.dataset, args.split, model=args.model, version=v, url=args.url, management=mgmt,
                      store=Path(args.model_store), concurrency=args.concurrency, threshold=args.threshold,
-                     limit=args.limit, reuse=not args.fresh, samples=args.samples) for v in versions]
+                     limit=args.limit, reuse=not args.fresh, samples=args.samples, token=inference_token(args))
+            for v in versions]
 
 
 def main_promote(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import requests
 from PIL import Image
 
 from serve_demo.archive import build
-from serve_demo.server import TorchServe
+from serve_demo.server import TorchServe, read_properties
 from serve_demo.synth import SynthConfig, render_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,7 +115,11 @@ def server(tmp_path_factory, model_store):
         ts.stop()
 
 
+def read_properties_of(ts: TorchServe) -> dict[str, str]:
+    """The config.properties this instance was started with."""
+    return read_properties(ts.home / "config.properties")
+
+
 def post(ts: TorchServe, model: str, data: bytes, headers: dict | None = None, **kw) -> requests.Response:
-    return requests.post(f"{ts.inference_url}/predictions/{model}", data=data,
-                         headers={"Content-Type": "application/octet-stream", **(headers or {})},
-                         timeout=120, **kw)
+    headers = {"Content-Type": "application/octet-stream", **ts.auth("inference"), **(headers or {})}
+    return requests.post(f"{ts.inference_url}/predictions/{model}", data=data, headers=headers, timeout=120, **kw)

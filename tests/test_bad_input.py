@@ -118,13 +118,19 @@ CASES = [
 
 
 def workers(ts) -> list[dict]:
-    return requests.get(f"{ts.management_url}/models/shapes", timeout=10).json()[0]["workers"]
+    return requests.get(f"{ts.management_url}/models/shapes", headers=ts.auth(), timeout=10).json()[0]["workers"]
+
+
+def send(ts, kwargs: dict) -> requests.Response:
+    """POST to /predictions/shapes with the inference key (when token authorization is on)."""
+    kwargs = {**kwargs, "headers": {**kwargs.get("headers", {}), **ts.auth("inference")}}
+    return requests.post(f"{ts.inference_url}/predictions/shapes", timeout=60, **kwargs)
 
 
 @pytest.mark.parametrize("name,make,code,kind", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(server, name, make, code, kind):
     before = [w["pid"] for w in workers(server)]
-    r = requests.post(f"{server.inference_url}/predictions/shapes", timeout=60, **make())
+    r = send(server, make())
     assert r.status_code == code, f"{name}: {r.status_code} {r.text[:300]}"
     assert r.headers.get("content-type", "").startswith("application/json"), r.headers
     body = r.json()
@@ -134,8 +140,7 @@ def test_bad_input(server, name, make, code, kind):
         assert isinstance(body, list)
     assert [w["pid"] for w in workers(server)] == before
     assert all(w["status"] == "READY" for w in workers(server))
-    good = requests.post(f"{server.inference_url}/predictions/shapes", data=jpeg(), timeout=60,
-                         headers={"Content-Type": "image/jpeg"})
+    good = send(server, {"data": jpeg(), "headers": {"Content-Type": "image/jpeg"}})
     assert good.status_code == 200 and isinstance(good.json(), list)
 
 
@@ -152,11 +157,10 @@ def test_frontend_answers_before_the_handler(server, name, kwargs, code):
     decodes such forms itself; the client and curl -T never send that type). Pinned here so an
     upgrade that changes them is noticed; the worker is untouched either way."""
     before = [w["pid"] for w in workers(server)]
-    r = requests.post(f"{server.inference_url}/predictions/shapes", timeout=60, **kwargs)
+    r = send(server, kwargs)
     assert r.status_code == code, r.text[:300]
     if code == 500:
         assert r.json()["type"] == "ErrorDataDecoderException"
     assert [w["pid"] for w in workers(server)] == before
-    good = requests.post(f"{server.inference_url}/predictions/shapes", data=jpeg(), timeout=60,
-                         headers={"Content-Type": "image/jpeg"})
+    good = send(server, {"data": jpeg(), "headers": {"Content-Type": "image/jpeg"}})
     assert good.status_code == 200

@@ -36,7 +36,12 @@ def pets_mar(tmp_path_factory):
 
 
 def workers(ts, model: str) -> list[dict]:
-    return requests.get(f"{ts.management_url}/models/{model}", timeout=10).json()[0]["workers"]
+    return requests.get(f"{ts.management_url}/models/{model}", headers=ts.auth(), timeout=10).json()[0]["workers"]
+
+
+def curl_auth(ts) -> list[str]:
+    """curl's -H for the inference key (what a user copies from `make serve`)."""
+    return [a for k, v in ts.auth("inference").items() for a in ("-H", f"{k}: {v}")]
 
 
 def test_stock_format_with_curl(server, tmp_path):
@@ -44,7 +49,8 @@ def test_stock_format_with_curl(server, tmp_path):
     synth_image(11).save(path)
     headers, body = tmp_path / "headers.txt", tmp_path / "body.json"
     subprocess.run(["curl", "-s", "-D", str(headers), "-o", str(body), "-X", "POST",
-                    f"{server.inference_url}/predictions/shapes", "-T", str(path)], check=True, timeout=60)
+                    f"{server.inference_url}/predictions/shapes", "-T", str(path), *curl_auth(server)],
+                   check=True, timeout=60)
     head = headers.read_text().lower()
     assert "http/1.1 200" in head and "content-type: application/json" in head, head
     dets = json.loads(body.read_text())
@@ -68,7 +74,7 @@ def test_detailed_format_and_header_threshold(server):
 def test_multipart_threshold_field(server):
     data = encode(synth_image(13), "PNG")
     r = requests.post(f"{server.inference_url}/predictions/shapes", files={"data": ("a.png", data, "image/png")},
-                      data={"threshold": "0.9"}, timeout=60)
+                      data={"threshold": "0.9"}, headers=server.auth("inference"), timeout=60)
     assert r.status_code == 200
     assert all(d["score"] >= 0.9 for d in r.json())
 
@@ -144,7 +150,7 @@ def test_client_cli_draws(server, tmp_path):
     synth_image(50).save(img)
     out = tmp_path / "drawn.png"
     proc = subprocess.run([sys.executable, "-m", "serve_demo", "predict", str(img), "--model", "shapes",
-                           "--url", server.inference_url, "--draw", str(out)],
+                           "--url", server.inference_url, "--draw", str(out), "--home", str(server.home)],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert isinstance(json.loads(proc.stdout), list)
@@ -159,7 +165,8 @@ def test_demo_model_evaluated_served_and_offline(server, model_store, test_split
 
     mar = model_store / "shapes-1.0.mar"
     served = evaluate(test_split, "test", model="shapes", url=server.inference_url,
-                      management=Management(server.management_url), store=model_store, concurrency=2,
+                      management=Management(server.management_url, home=server.home), store=model_store,
+                      concurrency=2, token=server.key("inference"),
                       out=tmp_path / "served")
     offline = evaluate(test_split, "test", offline=mar, out=tmp_path / "offline")
     m, o = served["metrics"]["coco"], offline["metrics"]["coco"]
@@ -202,7 +209,8 @@ def test_oxford_pets_resnet50_model_file_answers_curl(server, pets_mar, tmp_path
         synth_image(60).save(path)
         t0 = time.time()
         out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", "-X", "POST",
-                              f"{ts.inference_url}/predictions/pets", "-T", str(path), "-H", "X-Threshold: 0"],
+                              f"{ts.inference_url}/predictions/pets", "-T", str(path), "-H", "X-Threshold: 0",
+                              *curl_auth(ts)],
                              capture_output=True, text=True, check=True).stdout
         body, code = out.rsplit("\n", 1)
         assert code == "200", body

@@ -88,8 +88,8 @@ def test_gate_tolerance(candidate, failures, accepted):
 
 
 def detailed_version(ts, path: str) -> str:
-    r = requests.post(f"{ts.inference_url}/predictions/{path}", data=encode(synth_image(5)),
-                      headers={"Content-Type": "image/jpeg", "X-Response-Format": "detailed"}, timeout=60)
+    r = requests.post(f"{ts.inference_url}/predictions/{path}", data=encode(synth_image(5)), timeout=60,
+                      headers={"Content-Type": "image/jpeg", "X-Response-Format": "detailed", **ts.auth("inference")})
     assert r.status_code == 200, r.text
     return r.json()["version"]
 
@@ -103,7 +103,7 @@ def test_version_life_cycle(tmp_path, test_split, monkeypatch, capsys):
                   build_dir=str(build_dir))
     build(archive_args(version="1.0", weights=str(EARLY_WEIGHTS), **common))
     ts = make_server(tmp_path / "home", store)
-    mgmt = Management(ts.management_url)
+    mgmt = Management(ts.management_url, home=ts.home)
     conn = ["--management-url", ts.management_url, "--model-store", str(store), "--home", str(ts.home)]
     gate = ["--url", ts.inference_url, "--dataset", str(test_split), "--limit", "30", *conn]
 
@@ -165,11 +165,12 @@ def test_version_life_cycle(tmp_path, test_split, monkeypatch, capsys):
 
 def test_register_refuses_what_is_not_in_the_store(server, capsys):
     """Only archives already in the model store: no file, or any URL, is refused."""
-    conn = ["--management-url", server.management_url, "--model-store", str(server.model_store)]
+    conn = ["--management-url", server.management_url, "--model-store", str(server.model_store),
+            "--home", str(server.home)]
     assert cli.main(["register", "--model", "shapes", "--version", "9.9", *conn]) == 2
     assert "shapes-9.9.mar not found" in capsys.readouterr().err
     for url in ("http://127.0.0.1:9/evil.mar", "file:///etc/passwd", "../shapes-1.0.mar"):
-        r = requests.post(f"{server.management_url}/models", params={"url": url}, timeout=30)
+        r = requests.post(f"{server.management_url}/models", params={"url": url}, headers=server.auth(), timeout=30)
         assert r.status_code in (400, 404), (url, r.status_code, r.text)
-    assert cli.main(["promote", "--model", "shapes", "--version", "9.9", *conn[:2]]) == 2
+    assert cli.main(["promote", "--model", "shapes", "--version", "9.9", *conn[:2], *conn[4:]]) == 2
     assert "register it first" in capsys.readouterr().err
