@@ -26,6 +26,8 @@ GATE_TOLERANCE ?= 0.005
 FORCE      ?=
 A          ?=
 B          ?=
+USERS      ?= 20
+DURATION   ?= 2m
 IMAGE      ?= $(DATA)/test/test_00000.jpg
 DRAW       ?= reports/demo/detections.png
 INFERENCE_PORT  ?= 8080
@@ -45,7 +47,7 @@ EVAL_ARGS  := --dataset $(DATASET) --split $(SPLIT) --threshold $(THRESHOLD) $(i
 NEEDS_DATA := $(if $(filter $(DATA),$(DATASET)),$(DATA)/.synth.json)
 
 .PHONY: help setup check-env data train train-demo archive serve stop predict evaluate demo test lint format clean \
-	register versions promote rollback compare key
+	register versions promote rollback compare key loadtest soak
 
 help: ## list the targets
 	@echo "Usage: make TARGET [VAR=value ...]   (NAME=$(NAME) VERSION=$(VERSION) ARCH=$(ARCH))"
@@ -86,6 +88,14 @@ archive: $(STAMP) ## bundle WEIGHTS + LABELS (+ MODEL_FILE) into model-store/NAM
 
 serve: $(STAMP) ## start TorchServe on 127.0.0.1 with the recorded versions (model-store/registry.json)
 	$(PY) -m serve_demo serve $(SERVE_ARGS)
+
+loadtest: $(NEEDS_DATA) | $(STAMP) ## locust, headless: USERS for DURATION against the running server -> reports/loadtest
+	$(PY) scripts/soak.py --users $(USERS) --duration $(DURATION) --model $(NAME) --bad-share 0 \
+		--out reports/loadtest --images $(DATASET)/$(SPLIT)
+
+soak: $(NEEDS_DATA) | $(STAMP) ## 50 users x 5 min, 10% malformed, worker RSS watched -> reports/soak
+	$(PY) scripts/soak.py --users 50 --duration 5m --model $(NAME) --bad-share 0.1 --max-rss-growth 0.05 \
+		--out reports/soak --images $(DATASET)/$(SPLIT)
 
 key: ## print the running server's inference key (curl ... -H "Authorization: Bearer $$(make -s key)")
 	@$(PY) -c "from serve_demo.management import read_key; import sys; k = read_key('build/server', 'inference'); \
