@@ -15,6 +15,7 @@ import torch
 from ts.torch_handler.vision_handler import VisionHandler
 
 from serve_demo import schema
+from serve_demo.envelopes import error_answer, is_enveloped, parse_row, wrap
 from serve_demo.imaging import RequestError
 from serve_demo.serving import (
     LABEL_FILE,
@@ -22,7 +23,6 @@ from serve_demo.serving import (
     configure_threads,
     format_output,
     load_detector,
-    parse_request,
     read_label_map,
     run_detector,
 )
@@ -58,27 +58,33 @@ class DetectorHandler(VisionHandler):
                  self.cfg.response_format)
 
     def handle(self, data: list[dict], context) -> list[bytes]:
-        """One JSON answer per request; per-request status codes for the bad ones."""
+        """One JSON answer per request; per-request status codes for the bad ones.
+
+        A request is one image (``/predictions``) or several (KServe v1/v2 envelopes,
+        ``serve_demo.envelopes``); every good image of the batch goes through the model at once.
+        """
         start = time.perf_counter()
         self.context = context
         answers: list[bytes | None] = [None] * len(data)
-        good, requests = [], []
+        good, parsed = [], []
         for i, row in enumerate(data):
             context.set_response_content_type(i, JSON)
             try:
-                requests.append(parse_request(row, context.get_all_request_header(i), self.cfg))
+                parsed.append(parse_row(row, context.get_all_request_header(i), self.cfg))
                 good.append(i)
             except RequestError as err:
                 context.set_response_status(err.code, err.kind, i)
-                answers[i] = schema.dumps(schema.error_payload(err.code, err.kind, err.message))
+                answers[i] = schema.dumps(error_answer(err, is_enveloped(row)))
                 log.info("request %d refused: %d %s: %s", i, err.code, err.kind, err.message)
         if len(data) > 1:
-            log.info("batch of %d requests (%d refused)", len(data), len(data) - len(requests))
-        if requests:
-            outputs = run_detector(self.model, [r.image for r in requests], self.device, self.cfg.fp16)
-            for i, req, out in zip(good, requests, outputs):
-                answers[i] = schema.dumps(format_output(out, req, self.names, self.model_name,
-                                                        self.model_version))
+            log.info("batch of %d requests (%d refused)", len(data), len(data) - len(parsed))
+        images = [r.image for p in parsed for r in p.requests]
+        if images:
+            outputs = iter(run_detector(self.model, images, self.device, self.cfg.fp16))
+            for i, p in zip(good, parsed):
+                payloads = [format_output(next(outputs), r, self.names, self.model_name, self.model_version)
+                            for r in p.requests]
+                answers[i] = schema.dumps(wrap(p, payloads, self.model_name, self.model_version))
         if context.metrics is not None:
             context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2),
                                      None, "ms")

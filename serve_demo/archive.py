@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE = Path(__file__).resolve().parent
 # the modules a worker imports: the archive carries them, so it runs on any TorchServe
-WORKER_MODULES = ("__init__.py", "imaging.py", "models.py", "schema.py", "serving.py")
+WORKER_MODULES = ("__init__.py", "envelopes.py", "imaging.py", "models.py", "schema.py", "serving.py")
 
 
 VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
