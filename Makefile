@@ -26,6 +26,8 @@ GATE_TOLERANCE ?= 0.005
 FORCE      ?=
 A          ?=
 B          ?=
+IMAGE_TAG  ?= serve-demo:$(VERSION)
+GPU        ?= 1
 USERS      ?= 20
 DURATION   ?= 2m
 IMAGE      ?= $(DATA)/test/test_00000.jpg
@@ -47,7 +49,7 @@ EVAL_ARGS  := --dataset $(DATASET) --split $(SPLIT) --threshold $(THRESHOLD) $(i
 NEEDS_DATA := $(if $(filter $(DATA),$(DATASET)),$(DATA)/.synth.json)
 
 .PHONY: help setup check-env data train train-demo archive serve stop predict evaluate demo test lint format clean \
-	register versions promote rollback compare key loadtest soak
+	register versions promote rollback compare key loadtest soak docker-build docker-run docker-stop
 
 help: ## list the targets
 	@echo "Usage: make TARGET [VAR=value ...]   (NAME=$(NAME) VERSION=$(VERSION) ARCH=$(ARCH))"
@@ -96,6 +98,19 @@ loadtest: $(NEEDS_DATA) | $(STAMP) ## locust, headless: USERS for DURATION again
 soak: $(NEEDS_DATA) | $(STAMP) ## 50 users x 5 min, 10% malformed, worker RSS watched -> reports/soak
 	$(PY) scripts/soak.py --users 50 --duration 5m --model $(NAME) --bad-share 0.1 --max-rss-growth 0.05 \
 		--out reports/soak --images $(DATASET)/$(SPLIT)
+
+docker-build: ## build the GPU image (archives from model-store/ baked in) as IMAGE_TAG
+	@ls model-store/*.mar >/dev/null 2>&1 || { echo "no archives in model-store/: make archive first"; exit 2; }
+	docker build -f docker/Dockerfile -t $(IMAGE_TAG) .
+
+docker-run: ## run IMAGE_TAG: inference on :8080, management/metrics on the host's loopback (GPU=0: CPU)
+	docker run -d --name serve-demo $(if $(filter 1,$(GPU)),--gpus all) -p $(INFERENCE_PORT):8080 \
+		-p 127.0.0.1:$(MANAGEMENT_PORT):8081 -p 127.0.0.1:$(METRICS_PORT):8082 \
+		-e TS_MANAGEMENT_ADDRESS=http://0.0.0.0:8081 -e TS_METRICS_ADDRESS=http://0.0.0.0:8082 $(IMAGE_TAG)
+	@echo "inference key: docker exec serve-demo python -c \"import json; print(json.load(open('key_file.json'))['inference']['key'])\""
+
+docker-stop: ## stop and remove the serve-demo container
+	-docker rm -f serve-demo
 
 key: ## print the running server's inference key (curl ... -H "Authorization: Bearer $$(make -s key)")
 	@$(PY) -c "from serve_demo.management import read_key; import sys; k = read_key('build/server', 'inference'); \

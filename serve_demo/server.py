@@ -52,6 +52,7 @@ class TorchServe:
     models: str = "all"
     base_config: Path = BASE_CONFIG
     overrides: dict[str, str] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)  # e.g. TS_* config overrides
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).resolve()
@@ -79,6 +80,7 @@ class TorchServe:
         env = dict(os.environ)
         env.update({"TMPDIR": str(self.tmp), "LOG_LOCATION": str(self.home / "logs"),
                     "METRICS_LOCATION": str(self.home / "logs")})
+        env.update(self.environment)
         return env
 
     def write_config(self) -> Path:

@@ -1,0 +1,180 @@
+"""What can be checked here of the container and Kubernetes path (no Docker engine, no GPU):
+lint, build inputs, config keys, the environment-override mechanism and the health check
+against a real TorchServe, Python 3.9 compatibility of container-side code, and the manifests
+validated offline. `scripts/verify_gpu_container.sh` checks the rest on a Docker + GPU host."""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from serve_demo.archive import WORKER_MODULES
+from serve_demo.server import read_properties
+from tests.conftest import ROOT, encode, make_server, synth_image
+
+DOCKER = ROOT / "docker"
+BIN = Path(sys.executable).parent
+
+
+def test_hadolint_clean():
+    proc = subprocess.run([str(BIN / "hadolint"), str(DOCKER / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def dockerfile_copies() -> list[str]:
+    text = (DOCKER / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+    sources = []
+    for line in re.findall(r"^COPY (.+)$", text, re.M):
+        parts = [p for p in line.split() if not p.startswith("--")]
+        for src in parts[:-1]:
+            sources.append(re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], src).rstrip("/"))
+    return sources
+
+
+def test_copy_sources_exist_and_reach_the_build_context():
+    rules = [r.strip() for r in (ROOT / ".dockerignore").read_text().splitlines() if r.strip() and r[0] != "#"]
+
+    def included(path: str) -> bool:
+        keep = True
+        for rule in rules:
+            negate = rule.startswith("!")
+            if fnmatch.fnmatch(path, rule.lstrip("!")):
+                keep = negate
+        return keep
+
+    sources = dockerfile_copies()
+    assert {"docker/config.properties", "docker/healthcheck.py", "model-store"} <= set(sources)
+    for src in sources:
+        assert (ROOT / src).exists(), src
+        if (ROOT / src).is_file():
+            assert included(src), f"{src} is excluded by .dockerignore"
+    assert included("model-store/shapes-1.0.mar") and not included("weights/shapes.pt")
+    assert not included(".venv/bin/python") and not included("data/shapes/test/test_00000.jpg")
+
+
+def torchserve_config_keys() -> set[str]:
+    """The property names TorchServe 0.12 knows: string constants of its ConfigManager class."""
+    import ts
+
+    jar = Path(ts.__file__).parent / "frontend" / "model-server.jar"
+    with zipfile.ZipFile(jar) as z:
+        data = z.read("org/pytorch/serve/util/ConfigManager.class")
+    return {s.decode() for s in re.findall(rb"[a-z][a-z0-9_]{2,}", data)}
+
+
+def test_config_keys_are_known_to_torchserve():
+    known = torchserve_config_keys()
+    props = read_properties(DOCKER / "config.properties")
+    unknown = sorted(set(props) - known)
+    assert not unknown, f"keys TorchServe 0.12 does not read: {unknown}"
+    assert "inference_address" in known and "nonsense_key" not in known
+    env = dict(re.findall(r"(TS_\w+)=(\S+)", (DOCKER / "Dockerfile").read_text()))
+    for manifest in (DOCKER / "k8s").glob("*.yaml"):
+        env.update(dict(re.findall(r"name: (TS_\w+)\s+value: \"?([^\"\n]+)", manifest.read_text())))
+    for name in env:
+        assert name[3:].lower() in known, f"{name} does not name a TorchServe key"
+
+
+def test_container_code_runs_on_python_39():
+    """The image's Python is 3.9: everything that runs inside it must parse there."""
+    files = [ROOT / "serve_demo" / m for m in WORKER_MODULES] + [ROOT / "handlers" / "detector_handler.py",
+                                                                  DOCKER / "healthcheck.py"]
+    for path in files:
+        src = path.read_text()
+        ast.parse(src, filename=str(path), feature_version=(3, 9))
+        assert "from __future__ import annotations" in src or path.name == "__init__.py", path
+        assert not re.search(r"zip\([^)]*strict=|slots=True|kw_only=", src), path
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory, model_store) -> Path:
+    store = tmp_path_factory.mktemp("docker-store")
+    shutil.copy(model_store / "fixed-1.0.mar", store)
+    return store
+
+
+def test_environment_overrides_and_healthcheck(tmp_path, small_store):
+    """The container's mechanism on a real TorchServe: TS_* variables override the shipped config
+    (a different inference address; tokens off, as the Kubernetes manifests set), and
+    healthcheck.py reports healthy only once workers are READY."""
+    from tests.conftest import free_ports
+
+    ts = make_server(tmp_path / "home", small_store)
+    moved = free_ports(1)[0]
+    ts.environment = {"TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{moved}", "TS_DISABLE_TOKEN_AUTHORIZATION": "true"}
+    health = [sys.executable, str(DOCKER / "healthcheck.py")]
+    henv = {"HEALTHCHECK_HOME": str(ts.home), "TS_MANAGEMENT_ADDRESS": ts.management_url, "PATH": "/usr/bin:/bin"}
+    assert subprocess.run(health, env=henv, capture_output=True).returncode == 1  # nothing running
+    ts.start()
+    try:
+        ts.wait_ready(timeout=120)
+        proc = subprocess.run(health, env=henv, capture_output=True, text=True)
+        assert proc.returncode == 0 and "healthy: fixed" in proc.stdout, proc.stdout
+        img = encode(synth_image(80, (100, 80)))
+        r = requests.post(f"http://127.0.0.1:{moved}/predictions/fixed", data=img, timeout=30)
+        assert r.status_code == 200, r.text  # moved, and no key needed
+        with pytest.raises(requests.ConnectionError):
+            requests.post(f"{ts.inference_url}/predictions/fixed", data=img, timeout=5)
+    finally:
+        ts.stop()
+    assert subprocess.run(health, env=henv, capture_output=True).returncode == 1
+
+
+def load_manifests(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((DOCKER / "k8s" / name).read_text()) if d]
+
+
+def test_kubernetes_manifests_validate_offline():
+    import kubernetes_validate
+
+    docs = load_manifests("deployment.yaml")
+    assert [d["kind"] for d in docs] == ["Deployment", "Service", "HorizontalPodAutoscaler"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    svc = docs[1]
+    assert [p["port"] for p in svc["spec"]["ports"]] == [8080]  # only inference is exposed
+
+
+PREDICTOR_FIELDS = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "containerConcurrency", "timeout",
+                    "canaryTrafficPercent", "containers", "serviceAccountName", "nodeSelector", "tolerations"}
+
+
+@pytest.mark.parametrize("name", ["inferenceservice.yaml", "inferenceservice-canary.yaml"])
+def test_inferenceservice(name):
+    """KServe's schema is not bundled: known v1beta1 predictor fields, and the container checked
+    as a Kubernetes Pod spec (strict)."""
+    import kubernetes_validate
+
+    (isvc,) = load_manifests(name)
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    pred = isvc["spec"]["predictor"]
+    assert set(pred) <= PREDICTOR_FIELDS, set(pred) - PREDICTOR_FIELDS
+    assert pred["scaleMetric"] == "concurrency" and pred["scaleTarget"] > 0
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": {"containers": pred["containers"]}}
+    kubernetes_validate.validate(pod, "1.30.0", strict=True)
+    (c,) = pred["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert c["readinessProbe"]["exec"]["command"][-1] == "/home/model-server/healthcheck.py"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/ping"
+    assert isvc["metadata"]["annotations"]["prometheus.io/port"] == "8082"
+    if "canary" in name:
+        assert pred["canaryTrafficPercent"] == 10
+
+
+def test_compose_publishes_management_on_loopback_only():
+    svc = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["serve-demo"]
+    assert "8080:8080" in svc["ports"]
+    assert {p for p in svc["ports"] if not p.startswith("127.0.0.1:")} == {"8080:8080"}
+    devices = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
