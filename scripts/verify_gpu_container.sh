@@ -9,7 +9,7 @@
 # JSON, checks that the worker runs on CUDA, prints the versions inside the image, then removes
 # the container. Expected output (timings vary):
 #
-#   image: serve-demo:verify  python 3.9.x  torch 2.4.x+cu12x  cuda available True (NVIDIA ...)
+#   image: serve-demo:verify  python 3.9.x  torch <the base image's, 2.x+cu12x>  cuda available True (NVIDIA ...)
 #   waiting for healthy ... healthy after 40 s
 #   prediction: 200, N detections, JSON ok
 #   worker device: cuda:0 (model_log: "shapes 1.0 ready on cuda:0")
