@@ -49,7 +49,7 @@ EVAL_ARGS  := --dataset $(DATASET) --split $(SPLIT) --threshold $(THRESHOLD) $(i
 NEEDS_DATA := $(if $(filter $(DATA),$(DATASET)),$(DATA)/.synth.json)
 
 .PHONY: help setup check-env data train train-demo archive serve stop predict evaluate demo test lint format clean \
-	register versions promote rollback compare key loadtest soak docker-build docker-run docker-stop
+	register versions promote rollback compare key loadtest soak docker-build docker-run docker-stop bench
 
 help: ## list the targets
 	@echo "Usage: make TARGET [VAR=value ...]   (NAME=$(NAME) VERSION=$(VERSION) ARCH=$(ARCH))"
@@ -111,6 +111,9 @@ docker-run: ## run IMAGE_TAG: inference on :8080, management/metrics on the host
 
 docker-stop: ## stop and remove the serve-demo container
 	-docker rm -f serve-demo
+
+bench: $(NEEDS_DATA) | $(STAMP) ## benchmark: in-process limit, our handler (sweep), stock handler, LitServe -> reports/bench
+	$(PY) -m serve_demo bench --dataset $(DATASET) --split $(SPLIT)
 
 key: ## print the running server's inference key (curl ... -H "Authorization: Bearer $$(make -s key)")
 	@$(PY) -c "from serve_demo.management import read_key; import sys; k = read_key('build/server', 'inference'); \

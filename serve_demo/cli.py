@@ -26,7 +26,7 @@ def _lazy(target: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import archive, client, envcheck, evaluate, server, train, versions
+    from . import archive, bench, client, envcheck, evaluate, server, train, versions
 
     parser = argparse.ArgumentParser(prog="serve_demo", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default reports/compare-MODEL-A-vs-B)")
     versions.add_gate_arguments(p)
     p.set_defaults(func=_lazy("versions:main_compare"))
+
+    p = sub.add_parser("bench", help="in-process limit vs this handler vs stock handler vs LitServe (one run)")
+    bench.add_arguments(p)
+    p.set_defaults(func=_lazy("bench:main"))
 
     p = sub.add_parser("check-env", help="check Python packages and Java 11+")
     envcheck.add_arguments(p)

@@ -115,12 +115,12 @@ class ArchiveModel:
         finally:
             sys.path.remove(str(root))
 
-    def predict(self, data: bytes, threshold: float = 0.0) -> dict:
-        """Detailed payload for one encoded image, computed like the served path."""
+    def predict(self, data: bytes, threshold: float = 0.0, response_format: str = "detailed") -> Any:
+        """The payload for one encoded image (detailed by default), computed like the served path."""
         from .imaging import decode_image
         from .serving import Request, format_output, run_detector
 
-        req = Request(decode_image(data, self.cfg.max_image_pixels), threshold, "detailed")
+        req = Request(decode_image(data, self.cfg.max_image_pixels), threshold, response_format)
         out = run_detector(self.model, [req.image], self.device)[0]
         return format_output(out, req, self.names, self.name, self.version)
 

@@ -26,6 +26,21 @@ log = logging.getLogger(__name__)
 BASE_CONFIG = Path("docker/config.properties")
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on loopback."""
+    import socket
+
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
 def read_properties(path: Path) -> dict[str, str]:
     """``key=value`` lines of a Java properties file (comments and blanks skipped)."""
     props = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -13,26 +12,13 @@ import requests
 from PIL import Image
 
 from serve_demo.archive import build
-from serve_demo.server import TorchServe, read_properties
+from serve_demo.server import TorchServe, free_ports, read_properties
 from serve_demo.synth import SynthConfig, render_image
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_WEIGHTS = ROOT / "weights" / "shapes.pt"
 DEMO_LABELS = ROOT / "index_to_name" / "shapes.json"
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on loopback."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:

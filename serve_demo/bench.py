@@ -1,0 +1,371 @@
+"""``make bench``: the model's own limit against the servers, measured in one run.
+
+On the same images and weights:
+
+* **limit**: the archive's model in-process, back to back, same decoding and JSON, same threads;
+* **ours**: this project's handler on TorchServe, over a sweep of workers x threads and
+  batch size / max batch delay, with mixed-size and same-size images;
+* **stock**: TorchServe's built-in ``object_detector`` handler on the same weights (same-size
+  images; a batch of mixed sizes is shown failing);
+* **litserve**: the same model served by LitServe.
+
+Each server gets latency at concurrency 1 (p50/p95/p99) and throughput at concurrency 2, 4 and 8.
+Every request is sent as multipart field ``data`` (a form all three servers read), from Python
+threads on the same machine. Writes ``bench.json``, ``bench.md`` and two plots to ``--out``.
+Ratios are the headline, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import requests
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+CONCURRENCY = (2, 4, 8)
+
+
+def load_images(dataset: Path, split: str, n: int, size: tuple[int, int] | None = None) -> list[bytes]:
+    """The first ``n`` images of a split as JPEG bytes (resized to ``size`` when given)."""
+    from .data import load_coco, split_dir
+
+    coco = load_coco(dataset, split)
+    folder = split_dir(dataset, split)
+    out = []
+    for im in sorted(coco["images"], key=lambda i: i["id"])[:n]:
+        if size is None:
+            out.append((folder / im["file_name"]).read_bytes())
+        else:
+            buf = io.BytesIO()
+            Image.open(folder / im["file_name"]).convert("RGB").resize(size).save(buf, "JPEG", quality=90)
+            out.append(buf.getvalue())
+    return out
+
+
+def stats(latencies: list[float]) -> dict[str, float]:
+    a = np.asarray(latencies) * 1000
+    return {"p50_ms": round(float(np.percentile(a, 50)), 1), "p95_ms": round(float(np.percentile(a, 95)), 1),
+            "p99_ms": round(float(np.percentile(a, 99)), 1), "mean_ms": round(float(a.mean()), 1)}
+
+
+def load(send: Callable[[requests.Session, bytes], bool], images: list[bytes], concurrency: int,
+         total: int) -> dict[str, Any]:
+    """``total`` requests from ``concurrency`` threads; throughput, latency, errors."""
+    lock, counter = threading.Lock(), [0]
+    latencies: list[float] = []
+    errors = [0]
+
+    def worker() -> None:
+        with requests.Session() as s:
+            while True:
+                with lock:
+                    i = counter[0]
+                    counter[0] += 1
+                if i >= total:
+                    return
+                t0 = time.perf_counter()
+                ok = send(s, images[i % len(images)])
+                dt = time.perf_counter() - t0
+                with lock:
+                    latencies.append(dt)
+                    errors[0] += 0 if ok else 1
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for f in [pool.submit(worker) for _ in range(concurrency)]:
+            f.result()
+    elapsed = time.perf_counter() - t0
+    return {"concurrency": concurrency, "requests": total, "errors": errors[0],
+            "throughput_rps": round(total / elapsed, 2), **stats(latencies), "latencies": latencies}
+
+
+def measure_server(send, images: list[bytes], n_latency: int, n_load: int) -> dict[str, Any]:
+    """Warm up, then c=1 latency and throughput at each concurrency."""
+    with requests.Session() as s:
+        for data in images[:4]:
+            send(s, data)
+    result = {"c1": load(send, images, 1, n_latency)}
+    for c in CONCURRENCY:
+        result[f"c{c}"] = load(send, images, c, n_load)
+    return result
+
+
+def multipart_sender(url: str, headers: dict[str, str]) -> Callable[[requests.Session, bytes], bool]:
+    def send(s: requests.Session, data: bytes) -> bool:
+        r = s.post(url, files={"data": ("image.jpg", data, "image/jpeg")}, headers=headers, timeout=120)
+        return r.status_code == 200 and isinstance(r.json(), list)
+    return send
+
+
+def bench_inprocess(mar: Path, images: list[bytes], threads: int) -> dict[str, Any]:
+    """The limit: decode + model + JSON for each image, back to back, in this process."""
+    import torch
+
+    from .evaluate import ArchiveModel
+    from .schema import dumps
+
+    torch.set_num_threads(threads)
+    model = ArchiveModel(mar)
+    for data in images[:4]:
+        model.predict(data, 0.5, "stock")
+    latencies = []
+    t0 = time.perf_counter()
+    for data in images:
+        t = time.perf_counter()
+        dumps(model.predict(data, 0.5, "stock"))
+        latencies.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - t0
+    return {"throughput_rps": round(len(images) / elapsed, 2), **stats(latencies), "latencies": latencies,
+            "threads": threads}
+
+
+def stock_archive(weights: Path, labels: Path, arch: str, store: Path, build: Path, batch: int) -> Path:
+    """An archive of the same weights for TorchServe's built-in ``object_detector`` handler."""
+    from .archive import PACKAGE, WORKER_MODULES
+    from .serving import read_label_map
+
+    stage = build / "stock-extra"
+    shutil.rmtree(build / "stock-extra", ignore_errors=True)
+    (stage / "serve_demo").mkdir(parents=True)
+    for mod in WORKER_MODULES:
+        shutil.copy2(PACKAGE / mod, stage / "serve_demo" / mod)
+    shutil.copy2(labels, stage / "index_to_name.json")
+    n = len(read_label_map(labels))
+    model_file = build / "stock_model.py"
+    model_file.write_text(
+        '"""Generated by serve_demo.bench: the architecture, constructible without arguments."""\n'
+        "import torch\n\nfrom serve_demo.models import build_model\n\n\n"
+        "class StockDetector(torch.nn.Module):\n"
+        "    def __new__(cls):\n"
+        f"        return build_model({arch!r}, {n})\n")
+    (build / "stock-config.yaml").write_text(f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: {batch}\n"
+                                             "maxBatchDelay: 5\nresponseTimeout: 120\n")
+    tmp = build / "stock-tmp"
+    tmp.mkdir(exist_ok=True)
+    cmd = [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", f"stock_b{batch}",
+           "--version", "1.0", "--serialized-file", str(weights.resolve()), "--model-file", str(model_file),
+           "--handler", "object_detector", "--extra-files", str(stage), "--config-file",
+           str(build / "stock-config.yaml"), "--export-path", str(store), "--force"]
+    subprocess.run(cmd, check=True, env={**os.environ, "TMPDIR": str(tmp)}, capture_output=True)
+    return store / f"stock_b{batch}.mar"
+
+
+def ours_archive(weights: Path, labels: Path, arch: str, store: Path, build: Path, name: str, workers: int,
+                 threads: int, batch: int, delay: int) -> Path:
+    from .archive import build as build_archive
+
+    ns = argparse.Namespace(name=name, version="1.0", weights=str(weights), labels=str(labels), arch=arch,
+                            model_file=None, handler=str(Path(__file__).resolve().parent.parent / "handlers" /
+                                                         "detector_handler.py"),
+                            threshold=0.5, response_format="stock", batch_size=batch, max_batch_delay=delay,
+                            workers=workers, threads=threads, export_path=str(store), build_dir=str(build),
+                            no_check=True)
+    return build_archive(ns)
+
+
+def start_torchserve(home: Path, store: Path, models: str):
+    from .server import TorchServe, free_ports
+
+    p = free_ports(5)
+    ts = TorchServe(home=home, model_store=store, inference_port=p[0], management_port=p[1], metrics_port=p[2],
+                    grpc_inference_port=p[3], grpc_management_port=p[4], models=models)
+    ts.start()
+    ts.wait_ready(180)
+    return ts
+
+
+def write_outputs(out: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    limit = result["limit"]["mixed"]["throughput_rps"]
+    ax.axhline(limit, color="black", ls="--", lw=1, label=f"in-process limit ({limit:.1f}/s)")
+    for r in rows:
+        xs = [1, *CONCURRENCY]
+        ys = [r["c1"]["throughput_rps"]] + [r[f"c{c}"]["throughput_rps"] for c in CONCURRENCY]
+        ax.plot(xs, ys, marker="o", label=r["label"])
+    ax.set(xlabel="concurrent clients", ylabel="images / s", title="Throughput vs concurrency",
+           xticks=[1, *CONCURRENCY])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "throughput_vs_concurrency.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    lat = np.sort(np.asarray(result["limit"]["mixed"]["latencies"]) * 1000)
+    ax.plot(lat, np.linspace(0, 1, len(lat)), color="black", ls="--", label="in-process limit")
+    for r in rows:
+        lat = np.sort(np.asarray(r["c1"]["latencies"]) * 1000)
+        ax.plot(lat, np.linspace(0, 1, len(lat)), label=r["label"])
+    ax.set(xlabel="latency at concurrency 1 (ms)", ylabel="fraction of requests", title="Latency CDF (c=1)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "latency_cdf.png")
+    plt.close(fig)
+
+    for r in rows:
+        for k in list(r):
+            if isinstance(r[k], dict):
+                r[k].pop("latencies", None)
+    for v in result["limit"].values():
+        v.pop("latencies", None)
+    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+
+    lim = result["limit"]
+    lines = [f"# Benchmark ({result['machine']})", "",
+             f"Command: `{result['command']}`; {result['images']} images; {result['date']}.", "",
+             f"In-process limit (decode + model + JSON, {lim['mixed']['threads']} threads): mixed sizes "
+             f"{lim['mixed']['throughput_rps']}/s, p50 {lim['mixed']['p50_ms']} ms; same size "
+             f"{lim['same']['throughput_rps']}/s, p50 {lim['same']['p50_ms']} ms.", "",
+             "| server | images | c=1 p50 / p95 / p99 (ms) | c=1 /s | c=2 /s | c=4 /s | c=8 /s | best / limit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = lim["same" if r["images"] == "same" else "mixed"]
+        best = max(r[f"c{c}"]["throughput_rps"] for c in (1, *CONCURRENCY))
+        errs = sum(r[f"c{c}"]["errors"] for c in (1, *CONCURRENCY))
+        lines.append(f"| {r['label']} | {r['images']} | {r['c1']['p50_ms']} / {r['c1']['p95_ms']} / "
+                     f"{r['c1']['p99_ms']} | {r['c1']['throughput_rps']} | {r['c2']['throughput_rps']} | "
+                     f"{r['c4']['throughput_rps']} | {r['c8']['throughput_rps']} | {best / ref['throughput_rps']:.2f}"
+                     + (f" ({errs} errors)" if errs else "") + " |")
+    lines += ["", "## Ratios", ""] + [f"- {k}: {v}" for k, v in result["ratios"].items()]
+    if result.get("stock_mixed_batch"):
+        lines += ["", f"Stock handler, batch of 4 mixed-size images: {result['stock_mixed_batch']}"]
+    lines += ["", "![throughput](throughput_vs_concurrency.png)", "", "![latency](latency_cdf.png)", ""]
+    (out / "bench.md").write_text("\n".join(lines))
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work).resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    store, build = work / "store", work / "build"
+    store.mkdir(parents=True)
+    weights, labels = Path(args.weights), Path(args.labels)
+    mixed = load_images(Path(args.dataset), args.split, args.images)
+    same = load_images(Path(args.dataset), args.split, args.images, size=(320, 320))
+    cores = os.cpu_count() or 1
+    n_lat, n_load = args.images, args.images * 2
+
+    configs = [("ours 1w x 2t b1", 1, cores, 1, 5), ("ours 2w x 1t b1", 2, max(1, cores // 2), 1, 5),
+               ("ours 1w x 2t b4 d10", 1, cores, 4, 10)]
+    names = []
+    for i, (_, w, t, b, d) in enumerate(configs):
+        names.append(f"ours{i}")
+        ours_archive(weights, labels, args.arch, store, build, f"ours{i}", w, t, b, d)
+    stock_archive(weights, labels, args.arch, store, build, 1)
+    stock_archive(weights, labels, args.arch, store, build, 4)
+    limit_mar = store / "ours0-1.0.mar"
+
+    result: dict[str, Any] = {"machine": f"{cores} CPU cores, torch threads {cores}", "images": args.images,
+                              "date": time.strftime("%Y-%m-%d %H:%M"), "command": "make bench", "rows": []}
+    steps = tqdm(total=len(configs) * 2 + 4, desc="bench", file=sys.stderr)
+    result["limit"] = {"mixed": bench_inprocess(limit_mar, mixed, cores),
+                       "same": bench_inprocess(limit_mar, same, cores)}
+    steps.update(1)
+
+    for i, (label, *_rest) in enumerate(configs):
+        ts = start_torchserve(work / f"home{i}", store, f"ours{i}-1.0.mar")
+        try:
+            send = multipart_sender(f"{ts.inference_url}/predictions/ours{i}", ts.auth("inference"))
+            for kind, imgs in (("mixed", mixed), ("same", same)):
+                if kind == "same" and i:
+                    continue
+                result["rows"].append({"label": label, "images": kind, **measure_server(send, imgs, n_lat, n_load)})
+                steps.update(1)
+        finally:
+            ts.stop()
+        steps.update(1)
+
+    ts = start_torchserve(work / "home-stock", store, "stock_b1.mar,stock_b4.mar")
+    try:
+        send = multipart_sender(f"{ts.inference_url}/predictions/stock_b1", ts.auth("inference"))
+        result["rows"].append({"label": "stock object_detector 1w b1", "images": "same",
+                               **measure_server(send, same, n_lat, n_load)})
+        batch_url = f"{ts.inference_url}/predictions/stock_b4"
+        with ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(lambda d: requests.post(batch_url, files={"data": ("i.jpg", d, "image/jpeg")},
+                                                          headers=ts.auth("inference"), timeout=60).status_code,
+                                  mixed[:4]))
+        result["stock_mixed_batch"] = f"HTTP {codes} (one batch: torch.stack of different sizes fails)"
+    finally:
+        ts.stop()
+    steps.update(1)
+
+    port = int(args.litserve_port)
+    proc = subprocess.Popen([sys.executable, "-m", "serve_demo.litserve_app", "--mar", str(limit_mar), "--port",
+                             str(port), "--threads", str(cores)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        send = multipart_sender(f"http://127.0.0.1:{port}/predict", {})
+        result["rows"].append({"label": "litserve 1 worker", "images": "mixed",
+                               **measure_server(send, mixed, n_lat, n_load)})
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    steps.update(1)
+    steps.close()
+
+    def best(r: dict) -> float:
+        return max(r[f"c{c}"]["throughput_rps"] for c in (1, *CONCURRENCY))
+
+    rows = {(r["label"], r["images"]): r for r in result["rows"]}
+    ours_best = max((r for r in result["rows"] if r["label"].startswith("ours") and r["images"] == "mixed"), key=best)
+    ours_same = rows[("ours 1w x 2t b1", "same")]
+    ours_mixed = rows[("ours 1w x 2t b1", "mixed")]
+    stock = rows[("stock object_detector 1w b1", "same")]
+    lit = rows[("litserve 1 worker", "mixed")]
+    lim = result["limit"]
+    result["ratios"] = {
+        "served throughput / limit (best config, mixed)": round(best(ours_best) / lim["mixed"]["throughput_rps"], 3),
+        "best config": ours_best["label"],
+        "served p50 - limit p50 at c=1 (ms, mixed)": round(ours_mixed["c1"]["p50_ms"] - lim["mixed"]["p50_ms"], 1),
+        "ours / stock throughput (same-size images)": round(best(ours_same) / best(stock), 3),
+        "ours / LitServe throughput (mixed)": round(best(ours_best) / best(lit), 3),
+        "ours mixed-size / same-size throughput": round(best(ours_mixed) / best(ours_same), 3),
+    }
+    write_outputs(out, result)
+    print((out / "bench.md").read_text())
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="weights/shapes.pt")
+    p.add_argument("--labels", default="index_to_name/shapes.json")
+    p.add_argument("--arch", default="fcos_tiny")
+    p.add_argument("--dataset", default="data/shapes")
+    p.add_argument("--split", default="test")
+    p.add_argument("--images", type=int, default=40, help="images per measurement (load phases send twice as many)")
+    p.add_argument("--out", default="reports/bench")
+    p.add_argument("--work", default="build/bench", help="archives and server homes")
+    p.add_argument("--litserve-port", default="18600")
