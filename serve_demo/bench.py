@@ -321,6 +321,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"LitServe exited ({proc.returncode}): run python -m serve_demo.litserve_app "
+                                   f"--mar {limit_mar} to see why")
             try:
                 if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     break

@@ -12,40 +12,49 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import litserve as ls
+from fastapi import HTTPException
+
+
+class DetectorAPI(ls.LitAPI):
+    """Decode, detect, answer in the stock format (as the TorchServe handler does by default)."""
+
+    def __init__(self, mar: str, threads: int, threshold: float) -> None:
+        super().__init__()
+        self.mar, self.threads, self.threshold = mar, threads, threshold
+
+    def setup(self, device) -> None:
+        import torch
+
+        from .evaluate import ArchiveModel
+
+        torch.set_num_threads(self.threads)
+        self.model = ArchiveModel(Path(self.mar))
+
+    def decode_request(self, request):
+        return request["data"].file.read()
+
+    def predict(self, data: bytes):
+        from .imaging import RequestError
+
+        try:
+            return self.model.predict(data, threshold=self.threshold, response_format="stock")
+        except RequestError as err:
+            raise HTTPException(err.code, err.message) from None
+
+    def encode_response(self, output):
+        return output
+
 
 def main() -> None:
-    import litserve as ls
-    import torch
-    from fastapi import HTTPException
-
-    from .evaluate import ArchiveModel
-    from .imaging import RequestError
-
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--mar", required=True)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--threshold", type=float, default=0.5)
     args = p.parse_args()
-
-    class DetectorAPI(ls.LitAPI):
-        def setup(self, device) -> None:
-            torch.set_num_threads(args.threads)
-            self.model = ArchiveModel(Path(args.mar))
-
-        def decode_request(self, request):
-            return request["data"].file.read()
-
-        def predict(self, data: bytes):
-            try:
-                return self.model.predict(data, threshold=args.threshold, response_format="stock")
-            except RequestError as err:
-                raise HTTPException(err.code, err.message) from None
-
-        def encode_response(self, output):
-            return output
-
-    server = ls.LitServer(DetectorAPI(), accelerator="cpu", workers_per_device=1, timeout=60)
+    server = ls.LitServer(DetectorAPI(args.mar, args.threads, args.threshold), accelerator="cpu",
+                          workers_per_device=1, timeout=60)
     server.run(host="127.0.0.1", port=args.port, num_api_servers=1, generate_client_file=False,
                log_level="warning")
 

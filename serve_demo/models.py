@@ -74,12 +74,14 @@ class TinyBackbone(nn.Module):
         self.fpn = FeaturePyramidNetwork([w[2], w[3], w[4]], out_channels)
         self.out_channels = out_channels
 
-    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.stem(x)
         c3 = self.c3(x)
         c4 = self.c4(c3)
         c5 = self.c5(c4)
-        return self.fpn(OrderedDict([("p3", c3), ("p4", c4), ("p5", c5)]))
+        feats: dict[str, torch.Tensor] = OrderedDict()  # an ordered dict, also under TorchScript
+        feats["p3"], feats["p4"], feats["p5"] = c3, c4, c5
+        return self.fpn(feats)
 
 
 def fcos_tiny(num_classes: int, min_size: int = 288, max_size: int = 480, **kwargs) -> FCOS:
