@@ -67,13 +67,10 @@ def to_coco_detections(image_id: int, boxes, scores, labels, label_to_cat: dict[
     return rows
 
 
-def matches_at_iou(gt: dict, detections: list[dict], iou: float = 0.5) -> tuple[np.ndarray, np.ndarray, int]:
-    """pycocotools' own matching at one IoU: (scores, is_true_positive, number of objects)."""
+def _evaluate_at_iou(gt: dict, detections: list[dict], iou: float):
+    """pycocotools' per-image matching (``evaluate``) at one IoU, all object sizes."""
     from pycocotools.cocoeval import COCOeval
 
-    n_gt = sum(1 for a in gt["annotations"] if not a.get("iscrowd"))
-    if not detections:
-        return np.zeros(0), np.zeros(0, dtype=bool), n_gt
     coco_gt = _coco_gt(gt)
     with contextlib.redirect_stdout(io.StringIO()):
         ev = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(detections)), "bbox")
@@ -81,6 +78,16 @@ def matches_at_iou(gt: dict, detections: list[dict], iou: float = 0.5) -> tuple[
         ev.params.areaRng = [ev.params.areaRng[0]]
         ev.params.areaRngLbl = ["all"]
         ev.evaluate()
+    return ev
+
+
+def matches_at_iou(gt: dict, detections: list[dict], iou: float = 0.5) -> tuple[np.ndarray, np.ndarray, int]:
+    """pycocotools' own matching at one IoU: (scores, is_true_positive, number of objects)."""
+
+    n_gt = sum(1 for a in gt["annotations"] if not a.get("iscrowd"))
+    if not detections:
+        return np.zeros(0), np.zeros(0, dtype=bool), n_gt
+    ev = _evaluate_at_iou(gt, detections, iou)
     scores, tps = [], []
     for e in ev.evalImgs:
         if e is None:
@@ -142,7 +149,6 @@ def image_errors(gt: dict, detections: list[dict], threshold: float, iou: float 
     Uses pycocotools' greedy matching (highest scores first), so a detection kept at the
     threshold is a true positive exactly when pycocotools matched it.
     """
-    from pycocotools.cocoeval import COCOeval
 
     errors = {int(im["id"]): [0, 0] for im in gt["images"]}
     for a in gt["annotations"]:
@@ -150,13 +156,7 @@ def image_errors(gt: dict, detections: list[dict], threshold: float, iou: float 
             errors[int(a["image_id"])][1] += 1
     if not detections:
         return {k: (v[0], v[1]) for k, v in errors.items()}
-    coco_gt = _coco_gt(gt)
-    with contextlib.redirect_stdout(io.StringIO()):
-        ev = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(detections)), "bbox")
-        ev.params.iouThrs = np.array([iou])
-        ev.params.areaRng = [ev.params.areaRng[0]]
-        ev.params.areaRngLbl = ["all"]
-        ev.evaluate()
+    ev = _evaluate_at_iou(gt, detections, iou)
     for e in ev.evalImgs:
         if e is None:
             continue
