@@ -35,6 +35,7 @@ def main() -> int:
     p.add_argument("--mar", default="model-store/shapes-1.0.mar")
     p.add_argument("--images", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     images = load_images(Path("data/shapes"), "test", args.images)
@@ -81,7 +82,31 @@ def main() -> int:
               f"on {differ} of {len(decoded)} images")
     except Exception as exc:  # noqa: BLE001 - report, do not fail the profile
         print(f"TorchScript: not scriptable here ({type(exc).__name__}: {str(exc)[:200]})")
+    if args.compile:
+        time_compiled(model, decoded)
     return 0
+
+
+def time_compiled(model, decoded) -> None:
+    """torch.compile (inductor, dynamic shapes) of the model: compile time, forward time, same answers."""
+    t0 = time.perf_counter()
+    compiled = torch.compile(model, dynamic=True)
+    with torch.inference_mode():
+        for img, _ in decoded[:4]:
+            compiled([img.float() / 255])
+    warm = time.perf_counter() - t0
+    times, differ = [], 0
+    with torch.inference_mode():
+        for img, out in decoded:
+            t = time.perf_counter()
+            res = compiled([img.float() / 255])[0]
+            times.append(time.perf_counter() - t)
+            keep, ref = res["scores"] >= 0.5, out["scores"] >= 0.5
+            same = bool(keep.sum() == ref.sum()) and bool(
+                torch.allclose(res["boxes"][keep], out["boxes"][ref], atol=1e-2))
+            differ += not (same and torch.equal(res["labels"][keep], out["labels"][ref]))
+    print(f"torch.compile: first 4 images (compiling) {warm:.0f} s; model {med(times)} ms; detections at "
+          f"threshold 0.5 differ on {differ} of {len(decoded)} images")
 
 
 if __name__ == "__main__":
