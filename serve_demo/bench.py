@@ -189,6 +189,17 @@ def start_torchserve(home: Path, store: Path, models: str):
     return ts
 
 
+def handler_times(home: Path, model: str) -> list[float]:
+    """TorchServe's own ``HandlerTime`` metric (ms) of each request to ``model``, in order."""
+    import re
+
+    path = home / "logs" / "model_metrics.log"
+    if not path.exists():
+        return []
+    pattern = re.compile(r"HandlerTime\.ms:([0-9.]+)\|#ModelName:" + re.escape(model) + r",")
+    return [float(m.group(1)) for m in pattern.finditer(path.read_text())]
+
+
 def write_outputs(out: Path, result: dict) -> None:
     import matplotlib
 
@@ -248,6 +259,9 @@ def write_outputs(out: Path, result: dict) -> None:
                      f"{r['c1']['p99_ms']} | {r['c1']['throughput_rps']} | {r['c2']['throughput_rps']} | "
                      f"{r['c4']['throughput_rps']} | {r['c8']['throughput_rps']} | {best / ref['throughput_rps']:.2f}"
                      + (f" ({errs} errors)" if errs else "") + " |")
+    lines += ["", "Time inside the handler at c=1 (TorchServe's HandlerTime metric, p50) against the client's p50:"]
+    lines += [f"- {r['label']} ({r['images']}): handler {r['c1']['handler_p50_ms']} ms of {r['c1']['p50_ms']} ms"
+              for r in rows if "handler_p50_ms" in r["c1"]]
     lines += ["", "## Ratios", ""] + [f"- {k}: {v}" for k, v in result["ratios"].items()]
     if result.get("stock_mixed_batch"):
         lines += ["", f"Stock handler, batch of 4 mixed-size images: {result['stock_mixed_batch']}"]
@@ -294,7 +308,12 @@ def main(args: argparse.Namespace) -> int:
             for kind, imgs in (("mixed", mixed), ("same", same)):
                 if kind == "same" and i:
                     continue
-                result["rows"].append({"label": label, "images": kind, **measure_server(send, imgs, n_lat, n_load)})
+                already = len(handler_times(ts.home, f"ours{i}"))
+                row = {"label": label, "images": kind, **measure_server(send, imgs, n_lat, n_load)}
+                c1 = handler_times(ts.home, f"ours{i}")[already + 4: already + 4 + n_lat]  # after the warm-up
+                if c1:
+                    row["c1"]["handler_p50_ms"] = round(float(np.median(c1)), 1)
+                result["rows"].append(row)
                 steps.update(1)
         finally:
             ts.stop()
