@@ -50,11 +50,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--mar", required=True)
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads per worker")
+    p.add_argument("--workers", type=int, default=1, help="inference worker processes")
     p.add_argument("--threshold", type=float, default=0.5)
     args = p.parse_args()
     server = ls.LitServer(DetectorAPI(args.mar, args.threads, args.threshold), accelerator="cpu",
-                          workers_per_device=1, timeout=60)
+                          workers_per_device=args.workers, timeout=60)
     server.run(host="127.0.0.1", port=args.port, num_api_servers=1, generate_client_file=False,
                log_level="warning")
 
