@@ -205,7 +205,7 @@ def bench_litserve(mar: Path, workers: int, threads: int, port: int, images: lis
     """The same model served by LitServe (``serve_demo.litserve_app``) with this layout."""
     proc = subprocess.Popen([sys.executable, "-m", "serve_demo.litserve_app", "--mar", str(mar), "--port", str(port),
                              "--threads", str(threads), "--workers", str(workers)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -219,9 +219,14 @@ def bench_litserve(mar: Path, workers: int, threads: int, port: int, images: lis
                 pass
             time.sleep(0.5)
         return measure_server(multipart_sender(f"http://127.0.0.1:{port}/predict", {}), images, n_lat, n_load)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    finally:  # LitServe's API server and workers are child processes: end the whole group
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def write_outputs(out: Path, result: dict) -> None:
