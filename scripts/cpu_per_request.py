@@ -13,11 +13,7 @@ docs/performance.md has the figures.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -25,7 +21,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serve_demo.bench import load, load_images, multipart_sender, start_torchserve  # noqa: E402
+from serve_demo.bench import litserve_server, load, load_images, multipart_sender, start_torchserve  # noqa: E402
 
 
 def cpu_seconds(p: psutil.Process) -> float:
@@ -71,16 +67,7 @@ def main() -> int:
     finally:
         ts.stop()
 
-    proc = subprocess.Popen([sys.executable, "-m", "serve_demo.litserve_app", "--mar", str(store / "ours0-1.0.mar"),
-                             "--port", str(args.port), "--threads", "2", "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        for _ in range(240):
-            try:
-                if requests.get(f"http://127.0.0.1:{args.port}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
+    with litserve_server(store / "ours0-1.0.mar", 1, 2, args.port) as proc:
         root = psutil.Process(proc.pid)
         procs = {"launcher": root}
         for child in root.children(recursive=True):
@@ -89,8 +76,6 @@ def main() -> int:
             procs[f"{kind} {child.pid}"] = child
         send = multipart_sender(f"http://127.0.0.1:{args.port}/predict", {})
         report("LitServe, 1 worker x 2 threads", *account(procs, send, images, args.requests))
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
     return 0
 
 

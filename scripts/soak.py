@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 import psutil
-import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from serve_demo.management import read_key  # noqa: E402
+from serve_demo.management import Management, ManagementError  # noqa: E402
 
 
 def parse_duration(text: str) -> int:
@@ -38,9 +37,7 @@ def parse_duration(text: str) -> int:
 
 
 def worker_pids(management: str, model: str, home: str) -> list[int]:
-    key = read_key(home)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    versions = requests.get(f"{management}/models/{model}/all", headers=headers, timeout=10).json()
+    versions = Management(management, home=home).versions(model)
     return [w["pid"] for v in versions for w in v.get("workers", []) if w.get("pid")]
 
 
@@ -77,7 +74,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         pids = worker_pids(args.management_url, args.model, args.home)
-    except (requests.RequestException, ValueError) as exc:
+    except ManagementError as exc:
         print(f"soak: no server answers at {args.management_url} ({exc}); start it with `make serve`", file=sys.stderr)
         return 2
     rss: list[tuple[float, int]] = []

@@ -103,6 +103,14 @@ def check_model(stage: Path, weights: Path, model_file: Path | None, cfg: Handle
     return elapsed
 
 
+def stage_extra_files(stage: Path, labels: Path) -> None:
+    """The archive's extra files: the worker-side ``serve_demo`` modules and the label map."""
+    (stage / "serve_demo").mkdir(parents=True)
+    for mod in WORKER_MODULES:
+        shutil.copy2(PACKAGE / mod, stage / "serve_demo" / mod)
+    shutil.copy2(labels, stage / LABEL_FILE)
+
+
 def archive_filename(name: str, version: str) -> str:
     """``NAME-VERSION.mar``: versions of one model sit side by side in the model store."""
     for what, value in (("model name", name), ("version", version)):
@@ -135,11 +143,8 @@ def build(args: argparse.Namespace) -> Path:
     build_dir = Path(args.build_dir).resolve() / args.name
     stage, tmp = build_dir / "extra", build_dir / "tmp"
     shutil.rmtree(build_dir, ignore_errors=True)
-    (stage / "serve_demo").mkdir(parents=True)
+    stage_extra_files(stage, labels_path)
     tmp.mkdir()
-    for mod in WORKER_MODULES:
-        shutil.copy2(PACKAGE / mod, stage / "serve_demo" / mod)
-    shutil.copy2(labels_path, stage / LABEL_FILE)
     model_file = Path(args.model_file).resolve() if args.model_file else PACKAGE / "models.py"
     config = model_config(args, arch)
     (build_dir / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

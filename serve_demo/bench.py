@@ -18,11 +18,13 @@ Ratios are the headline, not absolute times.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -136,15 +138,12 @@ def bench_inprocess(mar: Path, images: list[bytes], threads: int) -> dict[str, A
 
 def stock_archive(weights: Path, labels: Path, arch: str, store: Path, build: Path, batch: int) -> Path:
     """An archive of the same weights for TorchServe's built-in ``object_detector`` handler."""
-    from .archive import PACKAGE, WORKER_MODULES
+    from .archive import stage_extra_files
     from .serving import read_label_map
 
     stage = build / "stock-extra"
-    shutil.rmtree(build / "stock-extra", ignore_errors=True)
-    (stage / "serve_demo").mkdir(parents=True)
-    for mod in WORKER_MODULES:
-        shutil.copy2(PACKAGE / mod, stage / "serve_demo" / mod)
-    shutil.copy2(labels, stage / "index_to_name.json")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage_extra_files(stage, labels)
     n = len(read_label_map(labels))
     model_file = build / "stock_model.py"
     model_file.write_text(
@@ -179,11 +178,9 @@ def ours_archive(weights: Path, labels: Path, arch: str, store: Path, build: Pat
 
 
 def start_torchserve(home: Path, store: Path, models: str):
-    from .server import TorchServe, free_ports
+    from .server import TorchServe
 
-    p = free_ports(5)
-    ts = TorchServe(home=home, model_store=store, inference_port=p[0], management_port=p[1], metrics_port=p[2],
-                    grpc_inference_port=p[3], grpc_management_port=p[4], models=models)
+    ts = TorchServe.on_free_ports(home, store, models=models)
     ts.start()
     ts.wait_ready(180)
     return ts
@@ -200,9 +197,9 @@ def handler_times(home: Path, model: str) -> list[float]:
     return [float(m.group(1)) for m in pattern.finditer(path.read_text())]
 
 
-def bench_litserve(mar: Path, workers: int, threads: int, port: int, images: list[bytes], n_lat: int,
-                   n_load: int) -> dict[str, Any]:
-    """The same model served by LitServe (``serve_demo.litserve_app``) with this layout."""
+@contextlib.contextmanager
+def litserve_server(mar: Path, workers: int, threads: int, port: int):
+    """``serve_demo.litserve_app`` running on ``port`` until the block ends (its whole process group)."""
     proc = subprocess.Popen([sys.executable, "-m", "serve_demo.litserve_app", "--mar", str(mar), "--port", str(port),
                              "--threads", str(threads), "--workers", str(workers)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
@@ -218,15 +215,20 @@ def bench_litserve(mar: Path, workers: int, threads: int, port: int, images: lis
             except requests.ConnectionError:
                 pass
             time.sleep(0.5)
-        return measure_server(multipart_sender(f"http://127.0.0.1:{port}/predict", {}), images, n_lat, n_load)
+        yield proc
     finally:  # LitServe's API server and workers are child processes: end the whole group
-        import signal
-
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def bench_litserve(mar: Path, workers: int, threads: int, port: int, images: list[bytes], n_lat: int,
+                   n_load: int) -> dict[str, Any]:
+    """The same model served by LitServe with this layout."""
+    with litserve_server(mar, workers, threads, port):
+        return measure_server(multipart_sender(f"http://127.0.0.1:{port}/predict", {}), images, n_lat, n_load)
 
 
 def write_outputs(out: Path, result: dict) -> None:

@@ -74,6 +74,13 @@ class TorchServe:
         self.model_store = Path(self.model_store).resolve()
         self.base_config = Path(self.base_config).resolve()
 
+    @classmethod
+    def on_free_ports(cls, home: Path, model_store: Path, **kwargs) -> TorchServe:
+        """An instance on five free loopback ports (tests, benchmarks: several side by side)."""
+        p = free_ports(5)
+        return cls(home=home, model_store=model_store, inference_port=p[0], management_port=p[1],
+                   metrics_port=p[2], grpc_inference_port=p[3], grpc_management_port=p[4], **kwargs)
+
     @property
     def inference_url(self) -> str:
         return f"http://{self.host}:{self.inference_port}"

@@ -12,7 +12,7 @@ import requests
 from PIL import Image
 
 from serve_demo.archive import build
-from serve_demo.server import TorchServe, free_ports, read_properties
+from serve_demo.server import TorchServe, read_properties
 from serve_demo.synth import SynthConfig, render_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,10 +83,7 @@ def test_split(tmp_path_factory) -> Path:
 
 def make_server(home: Path, store: Path) -> TorchServe:
     """A TorchServe on free loopback ports with the shipped config (not started)."""
-    ports = free_ports(5)
-    return TorchServe(home=home, model_store=store, inference_port=ports[0], management_port=ports[1],
-                      metrics_port=ports[2], grpc_inference_port=ports[3], grpc_management_port=ports[4],
-                      base_config=ROOT / "docker" / "config.properties")
+    return TorchServe.on_free_ports(home, store, base_config=ROOT / "docker" / "config.properties")
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +96,11 @@ def server(tmp_path_factory, model_store):
         yield ts
     finally:
         ts.stop()
+
+
+def workers(ts: TorchServe, model: str = "shapes") -> list[dict]:
+    """The default version's workers of ``model``, from the management API."""
+    return requests.get(f"{ts.management_url}/models/{model}", headers=ts.auth(), timeout=10).json()[0]["workers"]
 
 
 def read_properties_of(ts: TorchServe) -> dict[str, str]:

@@ -17,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import encode, synth_image
+from tests.conftest import encode, synth_image, workers
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -115,10 +115,6 @@ CASES = [
     ("animated gif", lambda: image_only(animated_gif()), 200, None),
     ("exif orientation 9", lambda: image_only(odd_exif_jpeg()), 200, None),
 ]
-
-
-def workers(ts) -> list[dict]:
-    return requests.get(f"{ts.management_url}/models/shapes", headers=ts.auth(), timeout=10).json()[0]["workers"]
 
 
 def send(ts, kwargs: dict) -> requests.Response:

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from serve_demo.archive import build
-from tests.conftest import DEMO_LABELS, DEMO_WEIGHTS, archive_args, encode, make_server, synth_image
+from tests.conftest import DEMO_LABELS, DEMO_WEIGHTS, archive_args, encode, make_server, synth_image, workers
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def ts(tmp_path_factory):
 
 
 def worker(ts) -> dict:
-    return requests.get(f"{ts.management_url}/models/shapes", headers=ts.auth(), timeout=10).json()[0]["workers"][0]
+    return workers(ts)[0]
 
 
 def bodies(n: int, seed: int = 0, small: bool = False) -> list[tuple[bytes, str]]:

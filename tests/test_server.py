@@ -19,7 +19,7 @@ from serve_demo import schema
 from serve_demo.archive import build
 from serve_demo.evaluate import ArchiveModel
 from serve_demo.models import build_model
-from tests.conftest import ASSETS, ROOT, archive_args, encode, post, synth_image
+from tests.conftest import ASSETS, ROOT, archive_args, encode, post, synth_image, workers
 
 pytestmark = pytest.mark.server
 
@@ -33,10 +33,6 @@ def pets_mar(tmp_path_factory):
     return build(archive_args(name="pets", weights=str(tmp / "pets.pt"), labels=str(ASSETS / "pets_labels.json"),
                               model_file=str(ASSETS / "pets_model.py"), export_path=str(tmp / "store"),
                               build_dir=str(tmp / "build")))
-
-
-def workers(ts, model: str) -> list[dict]:
-    return requests.get(f"{ts.management_url}/models/{model}", headers=ts.auth(), timeout=10).json()[0]["workers"]
 
 
 def curl_auth(ts) -> list[str]:
@@ -194,8 +190,7 @@ def test_demo_model_evaluated_served_and_offline(server, model_store, test_split
 def test_oxford_pets_resnet50_model_file_answers_curl(server, pets_mar, tmp_path):
     """The seed's way: model.py + a 3-class fasterrcnn_resnet50_fpn state_dict, served by a second
     instance from its own store, loaded at start-up."""
-    from serve_demo.server import TorchServe
-    from tests.conftest import free_ports
+    from serve_demo.server import TorchServe, free_ports
 
     store = Path(pets_mar).parent
     p = free_ports(5)
