@@ -16,6 +16,9 @@ WEIGHTS    ?= weights/$(NAME).pt
 LABELS     ?= index_to_name/$(NAME).json
 MODEL_FILE ?=
 THRESHOLD  ?= 0.5
+FORMAT     ?=
+MASK_THRESHOLD ?=
+MODEL_KWARGS ?=
 BATCH_SIZE ?= 1
 DATA       ?= data/shapes
 DATASET    ?= $(DATA)
@@ -82,11 +85,15 @@ train-demo: data ## retrain the committed demo model (85 min on 2 CPU cores; see
 
 $(MAR): $(WEIGHTS) $(LABELS) $(wildcard serve_demo/*.py handlers/*.py) | $(STAMP)
 	$(PY) -m serve_demo archive --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
-		--weights $(WEIGHTS) --labels $(LABELS) --threshold $(THRESHOLD) --batch-size $(BATCH_SIZE)
+		--weights $(WEIGHTS) --labels $(LABELS) --threshold $(THRESHOLD) --batch-size $(BATCH_SIZE) \
+		$(if $(FORMAT),--response-format $(FORMAT)) $(if $(MASK_THRESHOLD),--mask-threshold $(MASK_THRESHOLD)) \
+		$(if $(MODEL_KWARGS),--model-kwargs '$(MODEL_KWARGS)')
 
 archive: $(STAMP) ## bundle WEIGHTS + LABELS (+ MODEL_FILE) into model-store/NAME-VERSION.mar
 	$(PY) -m serve_demo archive --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
-		--weights $(WEIGHTS) --labels $(LABELS) --threshold $(THRESHOLD) --batch-size $(BATCH_SIZE)
+		--weights $(WEIGHTS) --labels $(LABELS) --threshold $(THRESHOLD) --batch-size $(BATCH_SIZE) \
+		$(if $(FORMAT),--response-format $(FORMAT)) $(if $(MASK_THRESHOLD),--mask-threshold $(MASK_THRESHOLD)) \
+		$(if $(MODEL_KWARGS),--model-kwargs '$(MODEL_KWARGS)')
 
 serve: $(STAMP) ## start TorchServe on 127.0.0.1 with the recorded versions (model-store/registry.json)
 	$(PY) -m serve_demo serve $(SERVE_ARGS)

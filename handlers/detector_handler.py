@@ -82,7 +82,8 @@ class DetectorHandler(VisionHandler):
         if images:
             outputs = iter(run_detector(self.model, images, self.device, self.cfg.fp16))
             for i, p in zip(good, parsed):
-                payloads = [format_output(next(outputs), r, self.names, self.model_name, self.model_version)
+                payloads = [format_output(next(outputs), r, self.names, self.model_name,
+                                          self.model_version, self.cfg.keypoint_names)
                             for r in p.requests]
                 answers[i] = schema.dumps(wrap(p, payloads, self.model_name, self.model_version))
         if context.metrics is not None:

@@ -9,6 +9,7 @@ instead of at serve time. ``torch-model-archiver`` runs with a private ``TMPDIR`
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -21,14 +22,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from .models import DEMO_ARCH, available_archs
+from .models import DEMO_ARCH, available_archs, task_of
 from .serving import LABEL_FILE, HandlerConfig, load_detector, read_label_map
 
 log = logging.getLogger(__name__)
 
 PACKAGE = Path(__file__).resolve().parent
 # the modules a worker imports: the archive carries them, so it runs on any TorchServe
-WORKER_MODULES = ("__init__.py", "envelopes.py", "imaging.py", "models.py", "schema.py", "serving.py")
+WORKER_MODULES = ("__init__.py", "envelopes.py", "imaging.py", "masks.py", "models.py", "schema.py",
+                  "serving.py")
 
 
 VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -56,6 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-delay", type=int, default=20, help="TorchServe maxBatchDelay (ms)")
     p.add_argument("--workers", type=int, default=1, help="workers for this model")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
+    p.add_argument("--mask-threshold", type=float, default=0.5,
+                   help="mask models: pixel probability kept in the RLE mask (default 0.5)")
+    p.add_argument("--keypoint-names", default=None, metavar="JSON",
+                   help="keypoint models: a JSON list of names (default: LABELS with .keypoints.json "
+                        "if it exists, else COCO's 17 names)")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help="extra builder arguments, e.g. '{\"min_size\": 512, \"box_score_thresh\": 0.01}'")
     p.add_argument("--export-path", default="model-store")
     p.add_argument("--build-dir", default="build/archive")
     p.add_argument("--no-check", action="store_true", help="skip loading and running the model")
@@ -68,9 +77,48 @@ def model_config(args: argparse.Namespace, arch: str | None) -> dict:
                "threads": threads}
     if arch:
         handler["arch"] = arch
+    if task_of(arch) == "masks":
+        handler["mask_threshold"] = getattr(args, "mask_threshold", 0.5)
+    names = keypoint_names_arg(args) if task_of(arch) == "keypoints" else None
+    if names:
+        handler["keypoint_names"] = names
+    kwargs = model_kwargs_arg(args)
+    if kwargs:
+        handler["model_kwargs"] = kwargs
     HandlerConfig.from_yaml(handler)  # same validation as the worker
     return {"minWorkers": args.workers, "maxWorkers": args.workers, "batchSize": args.batch_size,
             "maxBatchDelay": args.max_batch_delay, "responseTimeout": 120, "handler": handler}
+
+
+def keypoint_names_arg(args: argparse.Namespace) -> list[str] | None:
+    """``--keypoint-names`` (or ``LABELS`` beside it as ``.keypoints.json``), validated."""
+    path = getattr(args, "keypoint_names", None)
+    if path is None:
+        guess = Path(args.labels).with_suffix(".keypoints.json")
+        path = str(guess) if guess.is_file() else None
+    if path is None:
+        return None
+    try:
+        names = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ArchiveError(f"--keypoint-names {path}: {exc}") from None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ArchiveError(f"--keypoint-names {path} must hold a JSON list of names")
+    return names
+
+
+def model_kwargs_arg(args: argparse.Namespace) -> dict:
+    """``--model-kwargs`` as a dict."""
+    raw = getattr(args, "model_kwargs", None)
+    if not raw:
+        return {}
+    try:
+        kwargs = json.loads(raw)
+    except ValueError as exc:
+        raise ArchiveError(f"--model-kwargs must be a JSON object: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise ArchiveError("--model-kwargs must be a JSON object such as '{\"min_size\": 512}'")
+    return kwargs
 
 
 def check_model(stage: Path, weights: Path, model_file: Path | None, cfg: HandlerConfig,
@@ -100,6 +148,12 @@ def check_model(stage: Path, weights: Path, model_file: Path | None, cfg: Handle
             and {"boxes", "labels", "scores"} <= set(out[0])):
         raise ArchiveError("the model must return [{'boxes', 'labels', 'scores'}] per image in eval "
                            f"mode (torchvision's detection contract); got {type(out).__name__}")
+    if "keypoints" in out[0]:
+        from .serving import keypoint_names_for
+        try:
+            keypoint_names_for(int(out[0]["keypoints"].shape[1]), cfg.keypoint_names)
+        except ValueError as exc:
+            raise ArchiveError(str(exc)) from None
     return elapsed
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 def _cmd_data(args: argparse.Namespace) -> int:
     from .synth import generate
 
-    generate(Path(args.out), seed=args.seed, train=args.train, valid=args.valid, test=args.test)
+    generate(Path(args.out), seed=args.seed, train=args.train, valid=args.valid, test=args.test,
+             masks=args.masks)
     print(f"dataset ready in {args.out}")
     return 0
 
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=3000, help="training images")
     p.add_argument("--valid", type=int, default=200, help="validation images")
     p.add_argument("--test", type=int, default=300, help="test images")
+    p.add_argument("--masks", action="store_true",
+                   help="add instance masks (COCO RLE segmentation; same images as without)")
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("train", help="train a detector on a COCO-format folder")

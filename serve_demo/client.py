@@ -82,13 +82,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", default=None, help="model version (default: the server's default)")
     p.add_argument("--url", default=DEFAULT_URL, help="inference API base URL")
     p.add_argument("--threshold", type=float, default=None, help="score threshold for this request")
-    p.add_argument("--format", dest="response_format", choices=("stock", "detailed"), default=None)
+    p.add_argument("--format", dest="response_format", choices=("stock", "detailed"), default=None,
+                   help="response format (default: the model's; detailed with --draw, for masks and keypoints)")
     p.add_argument("--token", default=os.environ.get("TS_INFERENCE_TOKEN"),
                    help="inference token when token authorization is on (env TS_INFERENCE_TOKEN; "
                         "default: the key in HOME/key_file.json)")
     p.add_argument("--home", default="build/server", help="the local server's folder (its key_file.json)")
     p.add_argument("--draw", default=None,
-                   help="save the image with boxes drawn: a file for one image, a folder for several")
+                   help="save the image with boxes, masks and keypoints drawn: a file for one image, "
+                        "a folder for several")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -97,12 +99,12 @@ def main(args: argparse.Namespace) -> int:
     from .management import read_key
 
     token = args.token or read_key(args.home, "inference")
+    fmt = args.response_format or ("detailed" if args.draw else None)
     failed = 0
     for image in args.images:
         try:
             body = predict_file(image, args.model, url=args.url, version=args.version,
-                                threshold=args.threshold, response_format=args.response_format,
-                                token=token)
+                                threshold=args.threshold, response_format=fmt, token=token)
         except (PredictionError, requests.ConnectionError, OSError) as exc:
             print(f"{image}: {exc}", file=sys.stderr)
             failed += 1

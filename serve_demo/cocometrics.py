@@ -1,4 +1,4 @@
-"""COCO bbox metrics with pycocotools (no hand-written AP)."""
+"""COCO bbox, segm and keypoint metrics with pycocotools (no hand-written AP)."""
 
 from __future__ import annotations
 
@@ -34,36 +34,89 @@ def _coco_gt(gt: dict):
     return coco_gt
 
 
-def coco_bbox_metrics(gt: dict, detections: list[dict]) -> dict[str, float]:
-    """The 12 standard COCO bbox numbers for ``detections`` against the ground truth ``gt``.
+KEYPOINT_STAT_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_medium", "mAP_large",
+                       "AR", "AR_50", "AR_75", "AR_medium", "AR_large")
+# COCO's per-keypoint OKS sigmas for its 17 person keypoints; other skeletons get a uniform one
+COCO_PERSON_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07,
+                               .87, .87, .89, .89]) / 10.0
+UNIFORM_SIGMA = 0.05
+
+
+def iou_types(gt: dict) -> list[str]:
+    """The COCO evaluations a ground truth supports: bbox always, segm and keypoints if annotated."""
+    anns = gt.get("annotations", [])
+    types = ["bbox"]
+    if anns and all(a.get("segmentation") for a in anns):
+        types.append("segm")
+    if anns and any(a.get("num_keypoints", 0) or a.get("keypoints") for a in anns):
+        types.append("keypoints")
+    return types
+
+
+def coco_metrics(gt: dict, detections: list[dict], iou_type: str = "bbox") -> dict[str, float]:
+    """The standard COCO numbers (12 for bbox/segm, 10 for keypoints) of ``detections``.
 
     Args:
-        gt: a parsed COCO annotation file.
-        detections: ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``.
+        gt: a parsed COCO annotation file (with ``segmentation`` / ``keypoints`` for those types).
+        detections: ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]`` plus
+            ``segmentation`` (RLE) for ``segm`` or ``keypoints`` (flat x, y, v) for ``keypoints``.
+        iou_type: ``bbox``, ``segm`` or ``keypoints``.
     """
     from pycocotools.cocoeval import COCOeval
 
+    names = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+    detections = for_iou_type(detections, iou_type)
     if not detections:
-        return {name: 0.0 for name in STAT_NAMES}
+        return {name: 0.0 for name in names}
     coco_gt = _coco_gt(gt)
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(copy.deepcopy(detections))
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        coco_dt = coco_gt.loadRes(detections)
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
+        if iou_type == "keypoints":
+            k = len(detections[0]["keypoints"]) // 3
+            ev.params.kpt_oks_sigmas = COCO_PERSON_SIGMAS if k == 17 else np.full(k, UNIFORM_SIGMA)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {name: float(max(v, 0.0)) for name, v in zip(STAT_NAMES, np.asarray(ev.stats))}
+    return {name: float(max(v, 0.0)) for name, v in zip(names, np.asarray(ev.stats))}
 
 
-def to_coco_detections(image_id: int, boxes, scores, labels, label_to_cat: dict[int, int]) -> list[dict]:
-    """Model outputs (xyxy) of one image as COCO result rows; unknown labels are dropped."""
+def for_iou_type(detections: list[dict], iou_type: str) -> list[dict]:
+    """Copies of the rows holding only what pycocotools reads for ``iou_type``.
+
+    ``loadRes`` takes a row's area from its ``bbox`` whenever one is present, so segm rows must
+    go without it (area from the mask) and keypoint rows without both (area from the keypoints).
+    """
+    drop = {"bbox": ("segmentation", "keypoints"), "segm": ("bbox", "keypoints"),
+            "keypoints": ("bbox", "segmentation")}[iou_type]
+    need = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}[iou_type]
+    return [{k: copy.deepcopy(v) for k, v in r.items() if k not in drop} for r in detections if need in r]
+
+
+def coco_bbox_metrics(gt: dict, detections: list[dict]) -> dict[str, float]:
+    """The 12 standard COCO bbox numbers (:func:`coco_metrics` with ``bbox``)."""
+    return coco_metrics(gt, detections, "bbox")
+
+
+def to_coco_detections(image_id: int, boxes, scores, labels, label_to_cat: dict[int, int],
+                       segmentations: list | None = None, keypoints: list | None = None) -> list[dict]:
+    """Model outputs (xyxy) of one image as COCO result rows; unknown labels are dropped.
+
+    ``segmentations`` (RLE per detection) and ``keypoints`` (``[[x, y, score], ...]`` per
+    detection) are added to the rows when given.
+    """
     rows = []
-    for (x1, y1, x2, y2), s, lab in zip(boxes, scores, labels):
+    for i, ((x1, y1, x2, y2), s, lab) in enumerate(zip(boxes, scores, labels)):
         cat = label_to_cat.get(int(lab))
         if cat is None:
             continue
-        rows.append({"image_id": int(image_id), "category_id": cat, "score": float(s),
-                     "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]})
+        row = {"image_id": int(image_id), "category_id": cat, "score": float(s),
+               "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]}
+        if segmentations is not None:
+            row["segmentation"] = segmentations[i]
+        if keypoints is not None:
+            row["keypoints"] = [float(v) for kp in keypoints[i] for v in (kp[0], kp[1], 1.0)]
+        rows.append(row)
     return rows
 
 

@@ -69,23 +69,60 @@ def load_rgb(path: str | Path) -> Image.Image:
         return im.convert("RGB")
 
 
+def segmentation_to_mask(segmentation, height: int, width: int) -> torch.Tensor:
+    """A COCO ``segmentation`` (polygons, RLE or compressed RLE) as an ``H x W`` uint8 mask."""
+    from pycocotools import mask as coco_mask
+
+    if isinstance(segmentation, list):  # polygons
+        polys = [p for p in segmentation if len(p) >= 6]
+        if not polys:
+            return torch.zeros((height, width), dtype=torch.uint8)
+        rle = coco_mask.merge(coco_mask.frPyObjects(polys, height, width))
+    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        rle = coco_mask.frPyObjects(segmentation, height, width)
+    else:
+        rle = dict(segmentation)
+        if isinstance(rle["counts"], str):
+            rle["counts"] = rle["counts"].encode()
+    return torch.from_numpy(coco_mask.decode(rle)).to(torch.uint8)
+
+
+def keypoint_names(coco: dict, label_map: dict[str, str]) -> list[str]:
+    """The keypoint names of the (single) keypoint category, from the COCO categories."""
+    used = set(label_map.values())
+    for c in coco["categories"]:
+        if c["name"] in used and c.get("keypoints"):
+            return list(c["keypoints"])
+    raise ValueError("no category lists its \"keypoints\": not a keypoint dataset")
+
+
 class CocoDetection(Dataset):
     """One split of a COCO-format folder as ``(CHW float image in [0, 1], target)`` pairs.
 
-    ``target`` holds ``boxes`` (xyxy float32), ``labels`` (int64) and ``image_id``.
+    ``target`` holds ``boxes`` (xyxy float32), ``labels`` (int64) and ``image_id``; with
+    ``masks``, ``masks`` (``N x H x W`` uint8, from ``segmentation``); with ``keypoints``,
+    ``keypoints`` (``N x K x 3`` float32: x, y, visibility).
     Boxes smaller than one pixel, crowd annotations and unknown categories are skipped.
+    Horizontal flips are off for keypoints (left and right names would swap).
     """
 
     def __init__(self, root: str | Path, split: str, label_map: dict[str, str],
-                 hflip: bool = False) -> None:
+                 hflip: bool = False, masks: bool = False, keypoints: bool = False) -> None:
         self.folder = split_dir(root, split)
         self.coco = load_coco(root, split)
         self.cat_to_label = category_to_label(self.coco, label_map)
-        self.hflip = hflip
+        self.hflip = hflip and not keypoints
+        self.masks = masks
+        self.keypoints = keypoints
         self.images = sorted(self.coco["images"], key=lambda im: im["id"])
         self.anns: dict[int, list[dict]] = {im["id"]: [] for im in self.images}
         for a in self.coco.get("annotations", []):
             if a.get("iscrowd", 0) or a["category_id"] not in self.cat_to_label:
+                continue
+            if masks and not a.get("segmentation"):
+                raise ValueError(f"annotation {a.get('id')} has no segmentation: a mask model needs "
+                                 "instance masks (PennFudanPed: `serve_demo convert-pennfudan`)")
+            if keypoints and not a.get("keypoints"):
                 continue
             if a["bbox"][2] >= 1 and a["bbox"][3] >= 1 and a["image_id"] in self.anns:
                 self.anns[a["image_id"]].append(a)
@@ -101,11 +138,20 @@ class CocoDetection(Dataset):
                                a["bbox"][1] + a["bbox"][3]] for a in anns],
                              dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor([self.cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
+        target = {"boxes": boxes, "labels": labels, "image_id": torch.tensor(info["id"])}
+        h, w = image.shape[-2:]
+        if self.masks:
+            target["masks"] = torch.stack([segmentation_to_mask(a["segmentation"], h, w) for a in anns]) \
+                if anns else torch.zeros((0, h, w), dtype=torch.uint8)
+        if self.keypoints:
+            target["keypoints"] = torch.tensor([a["keypoints"] for a in anns],
+                                               dtype=torch.float32).reshape(len(anns), -1, 3)
         if self.hflip and torch.rand(()) < 0.5:
             image = image.flip(-1)
-            w = image.shape[-1]
-            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
-        return image, {"boxes": boxes, "labels": labels, "image_id": torch.tensor(info["id"])}
+            target["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+            if self.masks:
+                target["masks"] = target["masks"].flip(-1)
+        return image, target
 
 
 def collate(batch: list) -> tuple:

@@ -29,7 +29,7 @@ import requests
 
 from . import schema
 from .client import DEFAULT_URL, PredictionError, predict_bytes
-from .cocometrics import coco_bbox_metrics, f_beta_curve, image_errors, matches_at_iou, pr_curves
+from .cocometrics import coco_metrics, f_beta_curve, image_errors, iou_types, matches_at_iou, pr_curves
 from .data import load_coco, load_rgb, split_dir
 from .management import DEFAULT_MANAGEMENT_URL, Management, ManagementError, read_key
 
@@ -120,9 +120,10 @@ class ArchiveModel:
         from .imaging import decode_image
         from .serving import Request, format_output, run_detector
 
-        req = Request(decode_image(data, self.cfg.max_image_pixels), threshold, response_format)
+        req = Request(decode_image(data, self.cfg.max_image_pixels), threshold, response_format,
+                      self.cfg.mask_threshold)
         out = run_detector(self.model, [req.image], self.device)[0]
-        return format_output(out, req, self.names, self.name, self.version)
+        return format_output(out, req, self.names, self.name, self.version, self.cfg.keypoint_names)
 
 
 def to_rows(payloads: dict[int, Any], coco: dict) -> list[dict]:
@@ -134,14 +135,27 @@ def to_rows(payloads: dict[int, Any], coco: dict) -> list[dict]:
             if d.label not in cat_by_name:
                 continue
             x1, y1, x2, y2 = d.box
-            rows.append({"image_id": image_id, "category_id": cat_by_name[d.label], "score": d.score,
-                         "bbox": [x1, y1, x2 - x1, y2 - y1]})
+            row = {"image_id": image_id, "category_id": cat_by_name[d.label], "score": d.score,
+                   "bbox": [x1, y1, x2 - x1, y2 - y1]}
+            if d.mask is not None:
+                row["segmentation"] = d.mask
+            if d.keypoints is not None:
+                row["keypoints"] = [float(v) for x, y, _ in d.keypoints for v in (x, y, 1.0)]
+            rows.append(row)
     return rows
 
 
+def extra_iou_types(coco: dict, rows: list[dict]) -> list[str]:
+    """``segm`` / ``keypoints`` when both the ground truth and the predictions carry them."""
+    fields = {"segm": "segmentation", "keypoints": "keypoints"}
+    return [t for t in iou_types(coco)[1:] if any(fields[t] in r for r in rows)]
+
+
 def compute_metrics(coco: dict, rows: list[dict], serving_threshold: float) -> dict[str, Any]:
-    """COCO numbers, per-class AP, PR curves and F2 at IoU 0.5."""
-    overall = coco_bbox_metrics(coco, rows)
+    """COCO numbers (bbox, plus segm / keypoints where both sides have them), per-class AP,
+    PR curves and F2 at IoU 0.5 (boxes)."""
+    overall = coco_metrics(coco, rows, "bbox")
+    extra = {t: coco_metrics(coco, rows, t) for t in extra_iou_types(coco, rows)}
     per_class = {}
     names = {c["id"]: c["name"] for c in coco["categories"]}
     for cat in coco["categories"]:
@@ -149,8 +163,12 @@ def compute_metrics(coco: dict, rows: list[dict], serving_threshold: float) -> d
             continue
         sub = {**coco, "annotations": [a for a in coco["annotations"] if a["category_id"] == cat["id"]],
                "categories": [cat]}
-        m = coco_bbox_metrics(sub, [r for r in rows if r["category_id"] == cat["id"]])
+        mine = [r for r in rows if r["category_id"] == cat["id"]]
+        m = coco_metrics(sub, mine, "bbox")
         per_class[cat["name"]] = {"AP": m["mAP"], "AP50": m["mAP_50"]}
+        for t in extra:
+            mt = coco_metrics(sub, mine, t)
+            per_class[cat["name"]].update({f"{t}_AP": mt["mAP"], f"{t}_AP50": mt["mAP_50"]})
     curves = {names[k]: {"recall": r.round(4).tolist(), "precision": p.round(4).tolist()}
               for k, (r, p) in pr_curves(coco, rows, 0.5).items() if names[k] in per_class}
     scores, tps, n_gt = matches_at_iou(coco, rows, 0.5)
@@ -158,7 +176,7 @@ def compute_metrics(coco: dict, rows: list[dict], serving_threshold: float) -> d
     _, f2s, ps, rs = f_beta_curve(scores, tps, n_gt, thresholds=np.array([serving_threshold]))
     best = int(np.argmax(f2)) if len(f2) else 0
     return {
-        "coco": overall, "per_class": per_class,
+        "coco": overall, **{f"coco_{t}": m for t, m in extra.items()}, "per_class": per_class,
         "f2": {"iou": 0.5, "threshold": serving_threshold, "f2": float(f2s[0]),
                "precision": float(ps[0]), "recall": float(rs[0]),
                "best_threshold": float(thr[best]), "best_f2": float(f2[best]) if len(f2) else 0.0},
@@ -238,14 +256,23 @@ def write_report(out: Path, result: dict, samples: list[tuple[str, str]] | None 
              f"- dataset sha256 `{result['dataset_sha256'][:16]}`; serving threshold {result['threshold']}", "",
              "## COCO bbox metrics", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in c.items()]
+    for t, title_t in (("segm", "segm (instance masks)"), ("keypoints", "keypoints (OKS)")):
+        if f"coco_{t}" in m:
+            lines += ["", f"## COCO {title_t} metrics", "", "| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {v:.4f} |" for k, v in m[f"coco_{t}"].items()]
     lines += ["", "## F2 at IoU 0.5 (recall weighted)", "",
               "| threshold | F2 | precision | recall |", "|---|---|---|---|",
               f"| {f2['threshold']:.2f} (serving) | {f2['f2']:.4f} | {f2['precision']:.4f} | {f2['recall']:.4f} |"]
     i = int(np.argmin(np.abs(np.asarray(m["f2_curve"]["thresholds"]) - f2["best_threshold"])))
     lines += [f"| {f2['best_threshold']:.2f} (best) | {f2['best_f2']:.4f} | {m['f2_curve']['precision'][i]:.4f} "
               f"| {m['f2_curve']['recall'][i]:.4f} |", "", "![F2 vs threshold](f2_threshold.png)", "",
-              "## Per class", "", "| class | AP@[.5:.95] | AP@0.5 |", "|---|---|---|"]
-    lines += [f"| {n} | {v['AP']:.4f} | {v['AP50']:.4f} |" for n, v in m["per_class"].items()]
+              "## Per class", ""]
+    extra = [t for t in ("segm", "keypoints") if f"coco_{t}" in m]
+    lines += ["| class | AP@[.5:.95] | AP@0.5 |" + "".join(f" {t} AP | {t} AP@0.5 |" for t in extra),
+              "|---|---|---|" + "---|---|" * len(extra)]
+    lines += [f"| {n} | {v['AP']:.4f} | {v['AP50']:.4f} |"
+              + "".join(f" {v[t + '_AP']:.4f} | {v[t + '_AP50']:.4f} |" for t in extra)
+              for n, v in m["per_class"].items()]
     lines += ["", "![Precision-recall per class](pr_curves.png)", ""]
     if samples:
         lines += ["## Samples", "",
@@ -348,10 +375,13 @@ def evaluate(dataset: str | Path, split: str = "test", *, model: str = "shapes",
 
 
 def summary_line(result: dict) -> str:
-    c, f2 = result["metrics"]["coco"], result["metrics"]["f2"]
+    m = result["metrics"]
+    c, f2 = m["coco"], m["f2"]
+    extra = "".join(f"  {t} mAP {m[f'coco_{t}']['mAP']:.4f}  {t} mAP@0.5 {m[f'coco_{t}']['mAP_50']:.4f}"
+                    for t in ("segm", "keypoints") if f"coco_{t}" in m)
     return (f"{result['model']} {result['version']} ({result['mode']}, {result['split']}, {result['images']} images, "
             f"{len(result['failures'])} failures): mAP {c['mAP']:.4f}  mAP@0.5 {c['mAP_50']:.4f}  "
-            f"mAP@0.75 {c['mAP_75']:.4f}  F2@0.5 {f2['f2']:.4f} (thr {f2['threshold']:.2f}; best "
+            f"mAP@0.75 {c['mAP_75']:.4f}{extra}  F2@0.5 {f2['f2']:.4f} (thr {f2['threshold']:.2f}; best "
             f"{f2['best_f2']:.4f} at {f2['best_threshold']:.2f})")
 
 

@@ -16,10 +16,12 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torchvision.models.detection import FCOS
+from torchvision.models.detection import FCOS, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.fcos import FCOSHead
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,39 @@ def fcos_tiny(num_classes: int, min_size: int = 288, max_size: int = 480, **kwar
                 anchor_generator=anchors, head=head, **params)
 
 
-_LOCAL: dict[str, Callable[..., nn.Module]] = {"fcos_tiny": fcos_tiny}
+def maskrcnn_tiny(num_classes: int, min_size: int = 288, max_size: int = 480, **kwargs) -> MaskRCNN:
+    """A small Mask R-CNN: the demo's backbone (so it can start from the demo's weights),
+    anchors for 15-250 px objects, a 256-wide box head and a 2-layer 64-channel mask head.
+    """
+    backbone = TinyBackbone()
+    ch = backbone.out_channels
+    levels = ["p3", "p4", "p5"]
+    anchors = AnchorGenerator(sizes=((16, 24), (32, 48), (64, 128)), aspect_ratios=((0.5, 1.0, 2.0),) * 3)
+    params = {"rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 500,
+              "rpn_pre_nms_top_n_test": 500, "rpn_post_nms_top_n_test": 300,
+              "box_batch_size_per_image": 256, "box_score_thresh": 0.05, "box_detections_per_img": 100}
+    params.update(kwargs)
+    return MaskRCNN(
+        backbone, num_classes=None, min_size=min_size, max_size=max_size,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(levels, 7, 2),
+        box_head=TwoMLPHead(ch * 7 * 7, 256), box_predictor=FastRCNNPredictor(256, num_classes),
+        mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2),
+        mask_head=MaskRCNNHeads(ch, [64, 64], 1), mask_predictor=MaskRCNNPredictor(64, 64, num_classes),
+        **params,
+    )
+
+
+_LOCAL: dict[str, Callable[..., nn.Module]] = {"fcos_tiny": fcos_tiny, "maskrcnn_tiny": maskrcnn_tiny}
+
+
+def task_of(arch: str | None) -> str:
+    """What an architecture predicts: ``"boxes"``, ``"masks"`` (+ boxes) or ``"keypoints"`` (+ boxes)."""
+    if arch and arch.startswith("maskrcnn"):
+        return "masks"
+    if arch and arch.startswith("keypointrcnn"):
+        return "keypoints"
+    return "boxes"
 
 
 def available_archs() -> list[str]:

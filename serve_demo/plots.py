@@ -98,7 +98,8 @@ def draw_sample(image: Image.Image, truth: list[Detection], predicted: list[Dete
     big = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
 
     def scaled(d: Detection) -> Detection:
-        return Detection(d.label, d.label_id, d.score, tuple(v * scale for v in d.box))
+        kps = [[x * scale, y * scale, s] for x, y, s in d.keypoints] if d.keypoints else None
+        return Detection(d.label, d.label_id, d.score, tuple(v * scale for v in d.box), d.mask, kps)
 
     out = draw_detections(big, [scaled(d) for d in predicted], width=3)
     # ground truth on top, thin, so it stays visible where a prediction sits right on it

@@ -13,6 +13,12 @@ Two formats answer a prediction (one JSON document per image):
                        "box": [x1, y1, x2, y2]}, ...],
        "image_size": [w, h], "model": str, "version": str}
 
+  Mask models (Mask R-CNN) add to each detection ``"mask": {"size": [h, w], "counts": str}``,
+  its instance mask binarised at the mask threshold as compressed COCO RLE (decode with
+  ``pycocotools.mask.decode`` or :func:`serve_demo.masks.decode`). Keypoint models add
+  ``"keypoints": [[x, y, score], ...]`` per detection and ``"keypoint_names": [str, ...]``
+  (same order) to the document.
+
 Boxes are in the pixels of the uploaded image (after EXIF orientation), ``x1, y1`` top-left.
 An error is ``{"code": int, "type": str, "message": str}`` with the same HTTP status as ``code``.
 """
@@ -20,9 +26,12 @@ An error is ``{"code": int, "type": str, "message": str}`` with the same HTTP st
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from . import masks as rle
 
 FORMATS = ("stock", "detailed")
 BOX_DECIMALS = 4
@@ -37,6 +46,8 @@ class Detection:
     label_id: int
     score: float
     box: tuple[float, float, float, float]
+    mask: dict | None = None  # compressed COCO RLE {"size": [h, w], "counts": str}
+    keypoints: list | None = None  # [[x, y, score], ...]
 
 
 def make_detections(boxes: Sequence[Sequence[float]], scores: Sequence[float],
@@ -60,16 +71,27 @@ def stock_payload(dets: list[Detection]) -> list[dict[str, Any]]:
     return [{d.label: list(d.box), "score": d.score} for d in dets]
 
 
+def _detection_dict(d: Detection) -> dict[str, Any]:
+    out: dict[str, Any] = {"label": d.label, "label_id": d.label_id, "score": d.score, "box": list(d.box)}
+    if d.mask is not None:
+        out["mask"] = d.mask
+    if d.keypoints is not None:
+        out["keypoints"] = d.keypoints
+    return out
+
+
 def detailed_payload(dets: list[Detection], image_size: tuple[int, int], model: str,
-                     version: str) -> dict[str, Any]:
-    """The documented detailed format."""
-    return {
-        "detections": [{"label": d.label, "label_id": d.label_id, "score": d.score,
-                        "box": list(d.box)} for d in dets],
+                     version: str, keypoint_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The documented detailed format (``keypoint_names`` only for keypoint models)."""
+    payload: dict[str, Any] = {
+        "detections": [_detection_dict(d) for d in dets],
         "image_size": [int(image_size[0]), int(image_size[1])],
         "model": model,
         "version": version,
     }
+    if keypoint_names is not None:
+        payload["keypoint_names"] = list(keypoint_names)
+    return payload
 
 
 def error_payload(code: int, kind: str, message: str) -> dict[str, Any]:
@@ -91,7 +113,8 @@ def parse_detections(payload: Any, names_to_ids: dict[str, int] | None = None) -
         ValueError: the payload is neither format.
     """
     if isinstance(payload, dict) and "detections" in payload:
-        return [Detection(d["label"], int(d["label_id"]), float(d["score"]), tuple(d["box"]))
+        return [Detection(d["label"], int(d["label_id"]), float(d["score"]), tuple(d["box"]),
+                          d.get("mask"), d.get("keypoints"))
                 for d in payload["detections"]]
     if isinstance(payload, list):
         dets = []
@@ -114,11 +137,28 @@ def validate_detailed(payload: Any) -> None:
         if not isinstance(payload.get(key), typ):
             raise ValueError(f"detailed response: {key!r} must be {typ.__name__}")
     w, h = payload["image_size"]
+    names = payload.get("keypoint_names")
     for d in payload["detections"]:
-        if set(d) < {"label", "label_id", "score", "box"}:
+        if not {"label", "label_id", "score", "box"} <= set(d):
             raise ValueError(f"detection lacks keys: {d}")
         x1, y1, x2, y2 = d["box"]
         if not (0 <= d["score"] <= 1):
             raise ValueError(f"score out of [0, 1]: {d}")
         if not (-1e-3 <= x1 <= x2 <= w + 1e-3 and -1e-3 <= y1 <= y2 <= h + 1e-3):
             raise ValueError(f"box outside the {w}x{h} image: {d}")
+        if "mask" in d:
+            m = d["mask"]
+            if not (isinstance(m, dict) and m.get("size") == [h, w] and isinstance(m.get("counts"), str)):
+                raise ValueError(f"mask must be RLE {{'size': [{h}, {w}], 'counts': str}}, got {str(m)[:80]}")
+            rle.decompress_counts(m["counts"])  # raises on a malformed string
+            if sum(rle.decompress_counts(m["counts"])) != h * w:
+                raise ValueError(f"mask runs do not cover the {w}x{h} image")
+        if "keypoints" in d:
+            kps = d["keypoints"]
+            if not isinstance(names, list) or len(kps) != len(names):
+                raise ValueError(f"{len(kps)} keypoints but keypoint_names is {names!r}")
+            for x, y, s in kps:
+                if not (-1e-3 <= x <= w + 1e-3 and -1e-3 <= y <= h + 1e-3):
+                    raise ValueError(f"keypoint ({x}, {y}) outside the {w}x{h} image")
+                if not math.isfinite(s):
+                    raise ValueError(f"keypoint score {s} is not finite")

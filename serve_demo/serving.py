@@ -1,8 +1,9 @@
 """Everything the TorchServe handler does, as plain functions (the handler stays thin).
 
 Tunables live in the archive's ``model-config.yaml`` under ``handler:``; see
-:class:`HandlerConfig`. Per request, the headers ``X-Threshold`` and ``X-Response-Format``
-(any letter case) or the multipart fields ``threshold`` / ``response_format`` override them.
+:class:`HandlerConfig`. Per request, the headers ``X-Threshold``, ``X-Mask-Threshold`` and
+``X-Response-Format`` (any letter case) or the multipart fields ``threshold``,
+``mask_threshold`` / ``response_format`` override them.
 """
 
 from __future__ import annotations
@@ -15,21 +16,24 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import schema
+from . import masks, schema
 from .imaging import DEFAULT_MAX_PIXELS, RequestError, decode_image
-from .models import build_model, load_state_dict_file, load_weights
+from .models import build_model, load_state_dict_file, load_weights, task_of
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("data", "body", "file", "image")
 LABEL_FILE = "index_to_name.json"
+COCO_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
+                  "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
+                  "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class HandlerConfig:
     threads: int = 0  # torch threads per worker; 0 keeps torch's default
     fp16: bool = False  # autocast on CUDA only
     model_kwargs: dict = field(default_factory=dict)
+    mask_threshold: float = 0.5  # mask models: probability at which a pixel belongs to the mask
+    keypoint_names: list | None = None  # keypoint models; None: COCO's 17 names, else kp_0, kp_1, ...
 
     @classmethod
     def from_yaml(cls, section: dict | None) -> HandlerConfig:
@@ -54,6 +60,10 @@ class HandlerConfig:
             raise ValueError(f"model-config.yaml handler: unknown keys {unknown}; known: {sorted(known)}")
         cfg = cls(**section)
         parse_threshold(cfg.threshold, "model-config.yaml handler.threshold")
+        parse_threshold(cfg.mask_threshold, "model-config.yaml handler.mask_threshold")
+        if cfg.keypoint_names is not None and not (
+                isinstance(cfg.keypoint_names, list) and all(isinstance(n, str) for n in cfg.keypoint_names)):
+            raise ValueError("model-config.yaml handler.keypoint_names must be a list of names")
         if cfg.response_format not in schema.FORMATS:
             raise ValueError(f"model-config.yaml handler.response_format must be one of {schema.FORMATS}")
         if int(cfg.max_image_pixels) < 1 or int(cfg.threads) < 0:
@@ -126,7 +136,10 @@ def load_detector(model_dir: str | Path, weights: str | None, model_file: str | 
     """
     model_dir = Path(model_dir)
     if cfg.arch:
-        model = build_model(cfg.arch, num_classes=num_labels, **cfg.model_kwargs)
+        kwargs = dict(cfg.model_kwargs)
+        if task_of(cfg.arch) == "keypoints" and cfg.keypoint_names:
+            kwargs.setdefault("num_keypoints", len(cfg.keypoint_names))
+        model = build_model(cfg.arch, num_classes=num_labels, **kwargs)
         source = f"architecture {cfg.arch}"
     elif model_file:
         cls = detector_class_from_file(model_dir / model_file)
@@ -186,6 +199,15 @@ class Request:
     image: torch.Tensor  # uint8 3xHxW
     threshold: float
     response_format: str
+    mask_threshold: float = 0.5
+
+
+def _option(row: dict, headers: dict, header_name: str, field_name: str) -> tuple[Any, str]:
+    """A per-request option from its header, else its multipart/JSON field; and where it came from."""
+    raw = header(headers, header_name)
+    if raw is None and row.get(field_name) is not None:
+        return row[field_name], f"the {field_name} field"
+    return raw, header_name
 
 
 def parse_request(row: dict, headers: dict, cfg: HandlerConfig) -> Request:
@@ -194,14 +216,13 @@ def parse_request(row: dict, headers: dict, cfg: HandlerConfig) -> Request:
     Raises:
         RequestError: any client mistake, with the HTTP code to answer.
     """
-    threshold = cfg.threshold
-    raw = header(headers, "X-Threshold")
-    if raw is None and row.get("threshold") is not None:
-        raw, source = row["threshold"], "the threshold field"
-    else:
-        source = "X-Threshold"
+    threshold, mask_threshold = cfg.threshold, cfg.mask_threshold
+    raw, source = _option(row, headers, "X-Threshold", "threshold")
     if raw is not None:
         threshold = parse_threshold(raw, source)
+    raw, source = _option(row, headers, "X-Mask-Threshold", "mask_threshold")
+    if raw is not None:
+        mask_threshold = parse_threshold(raw, source)
     fmt = header(headers, "X-Response-Format")
     if fmt is None and row.get("response_format") is not None:
         fmt = bytes(row["response_format"]).decode("utf-8", "replace") \
@@ -211,7 +232,7 @@ def parse_request(row: dict, headers: dict, cfg: HandlerConfig) -> Request:
         raise RequestError(400, "invalid_response_format",
                            f"X-Response-Format must be one of {', '.join(schema.FORMATS)}, got {fmt[:40]!r}")
     image = decode_image(_image_bytes(row), cfg.max_image_pixels)
-    return Request(image, threshold, fmt)
+    return Request(image, threshold, fmt, mask_threshold)
 
 
 def run_detector(model: nn.Module, images: list[torch.Tensor], device: torch.device,
@@ -228,15 +249,43 @@ def run_detector(model: nn.Module, images: list[torch.Tensor], device: torch.dev
             for o in outputs]
 
 
+def keypoint_names_for(count: int, configured: list | None) -> list[str]:
+    """Names of ``count`` keypoints: the configured ones, COCO's for 17, else ``kp_0``, ``kp_1``, ..."""
+    if configured is not None:
+        if len(configured) != count:
+            raise ValueError(f"handler.keypoint_names lists {len(configured)} names but the model "
+                             f"predicts {count} keypoints")
+        return list(configured)
+    return list(COCO_KEYPOINTS) if count == len(COCO_KEYPOINTS) else [f"kp_{i}" for i in range(count)]
+
+
 def format_output(output: dict[str, torch.Tensor], req: Request, names: dict[int, str],
-                  model_name: str, version: str) -> Any:
-    """One model output as the payload the request asked for."""
-    dets = schema.make_detections(output["boxes"].tolist(), output["scores"].tolist(),
-                                  output["labels"].tolist(), names, req.threshold)
-    if req.response_format == "detailed":
-        h, w = req.image.shape[-2:]
-        return schema.detailed_payload(dets, (w, h), model_name, version)
-    return schema.stock_payload(dets)
+                  model_name: str, version: str, keypoint_names: list | None = None) -> Any:
+    """One model output as the payload the request asked for.
+
+    The detailed format carries masks (RLE, encoded only for the detections kept) and keypoints
+    when the model predicts them; the stock format is boxes only, as TorchServe's.
+    """
+    scores = output["scores"].tolist()
+    keep = [i for i, s in enumerate(scores) if s >= req.threshold]
+    dets = schema.make_detections(output["boxes"][keep].tolist(), [scores[i] for i in keep],
+                                  output["labels"][keep].tolist(), names, req.threshold)
+    if req.response_format != "detailed":
+        return schema.stock_payload(dets)
+    h, w = req.image.shape[-2:]
+    kp_names = None
+    if "masks" in output:
+        rles = masks.encode_all(output["masks"][keep], req.mask_threshold)
+        dets = [replace(d, mask=m) for d, m in zip(dets, rles)]
+    if "keypoints" in output:
+        kps = output["keypoints"][keep].clone()
+        kps[..., 0].clamp_(0, w)
+        kps[..., 1].clamp_(0, h)
+        kp_scores = output.get("keypoints_scores")
+        triplets = masks.keypoint_triplets(kps, kp_scores[keep] if kp_scores is not None else None)
+        dets = [replace(d, keypoints=k) for d, k in zip(dets, triplets)]
+        kp_names = keypoint_names_for(int(output["keypoints"].shape[1]), keypoint_names)
+    return schema.detailed_payload(dets, (w, h), model_name, version, kp_names)
 
 
 def configure_threads(threads: int) -> None:

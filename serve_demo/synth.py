@@ -96,25 +96,29 @@ def _polygon(cls: str, cx: float, cy: float, w: float, h: float, rot: float) -> 
     return [(cx + (x * w) * c - (y * h) * s, cy + (x * w) * s + (y * h) * c) for x, y in pts]
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, rng: np.random.Generator, cls: str, cx: float,
-                 cy: float, w: float, h: float, color: tuple, outline: tuple | None) -> list[float]:
-    """Draw one object; return its tight box [x1, y1, x2, y2]."""
+def _draw_object(draws: list[tuple[ImageDraw.ImageDraw, tuple | int, tuple | int | None]],
+                 rng: np.random.Generator, cls: str, cx: float, cy: float, w: float, h: float,
+                 outline: bool) -> list[float]:
+    """Draw one object on each ``(draw, fill, outline colour)``; return its tight box [x1, y1, x2, y2].
+
+    The image and the object's mask are drawn with the same geometry (one set of random draws).
+    """
     width = 2 if outline else 0
-    if cls == "ellipse":
+    if cls in ("ellipse", "rectangle"):
         box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
-        draw.ellipse(box, fill=color, outline=outline, width=width)
-        return box
-    if cls == "rectangle":
-        box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
-        draw.rectangle(box, fill=color, outline=outline, width=width)
+        for draw, fill, line in draws:
+            shape = draw.ellipse if cls == "ellipse" else draw.rectangle
+            shape(box, fill=fill, outline=line if outline else None, width=width)
         return box
     if cls == "cross":
         t = rng.uniform(0.28, 0.4)
-        draw.rectangle([cx - w / 2, cy - h * t / 2, cx + w / 2, cy + h * t / 2], fill=color)
-        draw.rectangle([cx - w * t / 2, cy - h / 2, cx + w * t / 2, cy + h / 2], fill=color)
+        for draw, fill, _ in draws:
+            draw.rectangle([cx - w / 2, cy - h * t / 2, cx + w / 2, cy + h * t / 2], fill=fill)
+            draw.rectangle([cx - w * t / 2, cy - h / 2, cx + w * t / 2, cy + h / 2], fill=fill)
         return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
     pts = _polygon(cls, cx, cy, w, h, rng.uniform(0, 2 * math.pi))
-    draw.polygon(pts, fill=color, outline=outline, width=width)
+    for draw, fill, line in draws:
+        draw.polygon(pts, fill=fill, outline=line if outline else None, width=width)
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     return [min(xs), min(ys), max(xs), max(ys)]
 
@@ -136,8 +140,13 @@ def _contrasting_color(rng: np.random.Generator, bg: np.ndarray) -> tuple[int, i
     return tuple(int(v) for v in c)
 
 
-def render_image(rng: np.random.Generator, cfg: SynthConfig) -> tuple[Image.Image, list[dict]]:
-    """One image and its objects as ``[{"category": name, "box": [x1, y1, x2, y2]}]``."""
+def render_image(rng: np.random.Generator, cfg: SynthConfig,
+                 masks: bool = False) -> tuple[Image.Image, list[dict]]:
+    """One image and its objects as ``[{"category": name, "box": [x1, y1, x2, y2]}]``.
+
+    With ``masks``, each object also carries ``"mask"``: its visible pixels (an ``H x W`` bool
+    array, later objects cut out). The image is the same with or without masks.
+    """
     w, h = (int(v) for v in rng.integers(cfg.min_side, cfg.max_side + 1, 2))
     img = _background(rng, w, h)
     draw = ImageDraw.Draw(img)
@@ -162,17 +171,41 @@ def render_image(rng: np.random.Generator, cfg: SynthConfig) -> tuple[Image.Imag
         local = bg[max(0, y1):max(y1 + 1, y2), max(0, x1):max(x1 + 1, x2)].reshape(-1, 3).mean(0)
         color = _contrasting_color(rng, local)
         outline = tuple(int(v) for v in rng.integers(0, 256, 3)) if rng.random() < 0.25 else None
-        box = _draw_object(draw, rng, cls, cx, cy, ow, oh, color, outline)
+        draws = [(draw, color, outline)]
+        mask = Image.new("L", (w, h)) if masks else None
+        if mask is not None:
+            draws.append((ImageDraw.Draw(mask), 255, 255))
+        box = _draw_object(draws, rng, cls, cx, cy, ow, oh, outline is not None)
         box = [max(0.0, box[0]), max(0.0, box[1]), min(float(w), box[2]), min(float(h), box[3])]
         objects.append({"category": cls, "box": box})
+        if mask is not None:
+            visible = np.asarray(mask) > 0
+            for earlier in objects[:-1]:
+                earlier["mask"] &= ~visible  # the new object hides what it covers
+            objects[-1]["mask"] = visible
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
     return img, objects
 
 
+def mask_annotation(mask: np.ndarray) -> dict | None:
+    """COCO ``segmentation`` (compressed RLE), ``bbox`` and ``area`` of a visible mask."""
+    from .masks import encode
+
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    x1, y1, x2, y2 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    return {"segmentation": encode(mask), "bbox": [x1, y1, x2 - x1, y2 - y1], "area": int(mask.sum())}
+
+
 def generate_split(out: Path, split: str, count: int, seed: int, cfg: SynthConfig,
-                   progress: bool = True) -> Path:
-    """Write one split folder; return the path of its annotation file."""
+                   progress: bool = True, masks: bool = False) -> Path:
+    """Write one split folder; return the path of its annotation file.
+
+    With ``masks``, annotations carry ``segmentation`` (RLE of the visible pixels) and take their
+    ``bbox`` and ``area`` from it, as COCO's do; the images are the same as without.
+    """
     from tqdm import tqdm
 
     folder = out / split
@@ -182,17 +215,20 @@ def generate_split(out: Path, split: str, count: int, seed: int, cfg: SynthConfi
     cat_id = {c["name"]: c["id"] for c in categories}
     images, annotations = [], []
     for i in tqdm(range(count), desc=f"synth {split}", disable=not progress, unit="img"):
-        img, objects = render_image(rng, cfg)
+        img, objects = render_image(rng, cfg, masks)
         name = f"{split}_{i:05d}.jpg"
         img.save(folder / name, quality=int(rng.integers(80, 96)))
         images.append({"id": i + 1, "file_name": name, "width": img.width, "height": img.height})
         for o in objects:
             x1, y1, x2, y2 = o["box"]
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": i + 1, "category_id": cat_id[o["category"]],
-                "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                "area": round((x2 - x1) * (y2 - y1), 2), "iscrowd": 0,
-            })
+            ann = {"bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                   "area": round((x2 - x1) * (y2 - y1), 2)}
+            if masks:
+                ann = mask_annotation(o["mask"])
+                if ann is None:
+                    continue
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
+                                "category_id": cat_id[o["category"]], **ann, "iscrowd": 0})
     ann_path = folder / ANNOTATIONS
     ann_path.write_text(json.dumps({
         "info": {"description": f"serve_demo synthetic shapes, seed {seed}", "version": "1"},
@@ -203,15 +239,20 @@ def generate_split(out: Path, split: str, count: int, seed: int, cfg: SynthConfi
 
 
 def generate(out: Path, seed: int = 0, train: int = 3000, valid: int = 200, test: int = 300,
-             cfg: SynthConfig | None = None, progress: bool = True) -> Path:
-    """Write train/valid/test splits under ``out``; skip splits already complete."""
+             cfg: SynthConfig | None = None, progress: bool = True, masks: bool = False) -> Path:
+    """Write train/valid/test splits under ``out``; skip splits already complete.
+
+    ``masks`` adds instance segmentation (same images as without, for the same seed).
+    """
     cfg = cfg or SynthConfig()
     stamp = out / ".synth.json"
     spec = {"seed": seed, "train": train, "valid": valid, "test": test, "cfg": cfg.__dict__}
+    if masks:
+        spec["masks"] = True
     if stamp.exists() and json.loads(stamp.read_text()) == spec:
         log.info("%s already holds this dataset (seed %d); nothing to do", out, seed)
         return out
     for split, count in (("train", train), ("valid", valid), ("test", test)):
-        generate_split(out, split, count, seed, cfg, progress)
+        generate_split(out, split, count, seed, cfg, progress, masks)
     stamp.write_text(json.dumps(spec))
     return out

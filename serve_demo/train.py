@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .cocometrics import coco_bbox_metrics, to_coco_detections
+from .cocometrics import coco_metrics, to_coco_detections
 from .data import CocoDetection, collate, label_map_from_coco, load_coco
-from .models import DEMO_ARCH, available_archs, build_model
+from .models import DEMO_ARCH, available_archs, build_model, load_state_dict_file, task_of
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp16", action="store_true", help="store exported weights in float16 (half the size)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--max-iters", type=int, default=0, help="stop after N iterations (smoke tests)")
+    p.add_argument("--init-backbone", default=None, metavar="WEIGHTS",
+                   help="start the backbone from another model's state_dict (its backbone.* tensors "
+                        "of matching shape), e.g. weights/shapes.pt for maskrcnn_tiny")
+    p.add_argument("--mask-threshold", type=float, default=0.5, help="mask binarisation for segm mAP")
 
 
 def pick_device(name: str) -> torch.device:
@@ -60,9 +64,15 @@ def pick_device(name: str) -> torch.device:
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.device,
-             batch_size: int = 8) -> dict[str, float]:
-    """COCO bbox metrics of ``model`` on ``dataset`` (model left in eval mode)."""
+             batch_size: int = 8, mask_threshold: float = 0.5) -> dict[str, float]:
+    """COCO metrics of ``model`` on ``dataset`` (model left in eval mode).
+
+    bbox metrics are named ``mAP``, ``mAP_50``, ...; with masks or keypoints in the dataset,
+    ``segm_mAP``, ... or ``keypoints_mAP``, ... are added.
+    """
     from tqdm import tqdm
+
+    from .masks import encode_all, keypoint_triplets
 
     model.eval()
     label_to_cat = {lab: cat for cat, lab in dataset.cat_to_label.items()}
@@ -71,10 +81,31 @@ def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.devic
     for images, targets in tqdm(loader, desc="validate", leave=False, file=sys.stderr):
         outputs = model([im.to(device) for im in images])
         for out, tgt in zip(outputs, targets):
+            segs = encode_all(out["masks"].cpu(), mask_threshold) if dataset.masks else None
+            kps = keypoint_triplets(out["keypoints"].cpu(), out.get("keypoints_scores")) \
+                if dataset.keypoints else None
             rows += to_coco_detections(int(tgt["image_id"]), out["boxes"].cpu().tolist(),
                                        out["scores"].cpu().tolist(), out["labels"].cpu().tolist(),
-                                       label_to_cat)
-    return coco_bbox_metrics(dataset.coco, rows)
+                                       label_to_cat, segs, kps)
+    metrics = coco_metrics(dataset.coco, rows, "bbox")
+    for kind, on in (("segm", dataset.masks), ("keypoints", dataset.keypoints)):
+        if on:
+            metrics.update({f"{kind}_{k}": v for k, v in coco_metrics(dataset.coco, rows, kind).items()})
+    return metrics
+
+
+def init_backbone(model: torch.nn.Module, path: str) -> int:
+    """Copy the ``backbone.*`` tensors of matching name and shape from ``path``; return how many."""
+    state = load_state_dict_file(path)
+    own = model.state_dict()
+    picked = {k: v for k, v in state.items()
+              if k.startswith("backbone.") and k in own and own[k].shape == v.shape}
+    if not picked:
+        raise SystemExit(f"--init-backbone {path}: no backbone.* tensor fits this architecture")
+    model.load_state_dict(picked, strict=False)
+    wanted = sum(1 for k in own if k.startswith("backbone."))
+    log.info("Backbone initialised from %s: %d of %d tensors", path, len(picked), wanted)
+    return len(picked)
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -116,8 +147,10 @@ def main(args: argparse.Namespace) -> int:
 
     log.info("Loading data from %s", args.data)
     label_map = label_map_from_coco(load_coco(args.data, "train"))
-    train_set = CocoDetection(args.data, "train", label_map, hflip=True)
-    valid_set = CocoDetection(args.data, "valid", label_map)
+    task = task_of(args.arch)
+    kinds = {"masks": task == "masks", "keypoints": task == "keypoints"}
+    train_set = CocoDetection(args.data, "train", label_map, hflip=True, **kinds)
+    valid_set = CocoDetection(args.data, "valid", label_map, **kinds)
     log.info("%d classes (%s); %d train / %d valid images", len(label_map) - 1,
              ", ".join(list(label_map.values())[1:]), len(train_set), len(valid_set))
     gen = torch.Generator().manual_seed(args.seed)
@@ -126,7 +159,14 @@ def main(args: argparse.Namespace) -> int:
                         persistent_workers=args.workers > 0)
 
     log.info("Creating model %s on %s", args.arch, device)
-    model = build_model(args.arch, num_classes=len(label_map)).to(device)
+    model_kwargs = {}
+    if task == "keypoints":
+        from .data import keypoint_names
+        model_kwargs["num_keypoints"] = len(keypoint_names(train_set.coco, label_map))
+    model = build_model(args.arch, num_classes=len(label_map), **model_kwargs)
+    if args.init_backbone and not (run_dir / "checkpoint.pt").exists():
+        init_backbone(model, args.init_backbone)
+    model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     total_iters = args.epochs * len(loader)
@@ -179,9 +219,11 @@ def main(args: argparse.Namespace) -> int:
                   **{f"loss_{k}": round(v, 4) for k, v in running.items()}}
         last = epoch + 1 == args.epochs or (args.max_iters and iters_done >= args.max_iters)
         if last or (args.eval_every and (epoch + 1) % args.eval_every == 0):
-            metrics = evaluate(model, valid_set, device)
+            metrics = evaluate(model, valid_set, device, mask_threshold=args.mask_threshold)
             record.update({f"valid_{k}": round(v, 4) for k, v in metrics.items()})
-            log.info("epoch %d: valid mAP %.4f, mAP@0.5 %.4f", epoch + 1, metrics["mAP"], metrics["mAP_50"])
+            log.info("epoch %d: valid mAP %.4f, mAP@0.5 %.4f%s", epoch + 1, metrics["mAP"], metrics["mAP_50"],
+                     f", segm mAP {metrics['segm_mAP']:.4f}, segm mAP@0.5 {metrics['segm_mAP_50']:.4f}"
+                     if "segm_mAP" in metrics else "")
         history.append(record)
         (run_dir / "history.json").write_text(json.dumps(history, indent=1))
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -199,6 +241,10 @@ def main(args: argparse.Namespace) -> int:
     labels.parent.mkdir(parents=True, exist_ok=True)
     export_weights(model, weights, args.fp16)
     labels.write_text(json.dumps(label_map, indent=2) + "\n")
+    if task == "keypoints":
+        from .data import keypoint_names
+        names_path = Path(args.labels_dir) / f"{args.name}.keypoints.json"
+        names_path.write_text(json.dumps(keypoint_names(train_set.coco, label_map)) + "\n")
     card = {"name": args.name, "arch": args.arch, "data": str(args.data), "seed": args.seed,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
             "device": str(device), "threads": torch.get_num_threads(),
