@@ -11,7 +11,8 @@ STAMP      := $(VENV)/.installed
 
 NAME       ?= shapes
 VERSION    ?= 1.0
-ARCH       ?= fcos_tiny
+# the committed mask model is a maskrcnn_tiny; everything else defaults to the demo's fcos_tiny
+ARCH       ?= $(if $(filter shapes_masks,$(NAME)),maskrcnn_tiny,fcos_tiny)
 WEIGHTS    ?= weights/$(NAME).pt
 LABELS     ?= index_to_name/$(NAME).json
 MODEL_FILE ?=
@@ -19,9 +20,11 @@ THRESHOLD  ?= 0.5
 FORMAT     ?=
 MASK_THRESHOLD ?=
 MODEL_KWARGS ?=
+GPU_OPTIONS ?=
 BATCH_SIZE ?= 1
 DATA       ?= data/shapes
-DATASET    ?= $(DATA)
+MASK_DATA  ?= data/shapes_masks
+DATASET    ?= $(if $(filter shapes_masks,$(NAME)),$(MASK_DATA),$(DATA))
 SPLIT      ?= test
 EPOCHS     ?= 12
 LIMIT      ?=
@@ -49,9 +52,10 @@ MGMT_URL   := --management-url http://127.0.0.1:$(MANAGEMENT_PORT)
 GIVEN_VERSION := $(if $(filter command line environment,$(origin VERSION)),--version $(VERSION))
 EVAL_ARGS  := --dataset $(DATASET) --split $(SPLIT) --threshold $(THRESHOLD) $(if $(LIMIT),--limit $(LIMIT)) $(URLS)
 # the synthetic data is generated on demand; a user's DATASET must exist
-NEEDS_DATA := $(if $(filter $(DATA),$(DATASET)),$(DATA)/.synth.json)
+NEEDS_DATA := $(if $(filter $(DATA),$(DATASET)),$(DATA)/.synth.json) \
+	$(if $(filter $(MASK_DATA),$(DATASET)),$(MASK_DATA)/.synth.json)
 
-.PHONY: help setup check-env data train train-demo archive serve stop predict evaluate demo test lint format clean \
+.PHONY: help setup check-env data data-masks pennfudan train train-demo train-masks archive serve stop predict evaluate demo test lint format clean \
 	register versions promote rollback compare key loadtest soak docker-build docker-run docker-stop bench
 
 help: ## list the targets
@@ -76,6 +80,15 @@ $(DATA)/.synth.json: | $(STAMP)
 
 data: $(DATA)/.synth.json ## generate the synthetic COCO dataset (train/valid/test, seed 0)
 
+$(MASK_DATA)/.synth.json: | $(STAMP)
+	$(PY) -m serve_demo data --out $(MASK_DATA) --seed 0 --masks
+
+data-masks: $(MASK_DATA)/.synth.json ## the same scenes with instance masks (COCO RLE) -> data/shapes_masks
+
+pennfudan: $(STAMP) ## convert PENNFUDAN=path/to/PennFudanPed (images + mask PNGs) -> data/pennfudan
+	@test -n "$(PENNFUDAN)" || { echo "usage: make pennfudan PENNFUDAN=path/to/PennFudanPed"; exit 2; }
+	$(PY) -m serve_demo convert-pennfudan $(PENNFUDAN) --out data/pennfudan
+
 train: $(STAMP) ## train NAME on DATASET with ARCH (resumes from runs/NAME/checkpoint.pt)
 	$(PY) -m serve_demo train --data $(DATASET) --name $(NAME) --arch $(ARCH) --epochs $(EPOCHS)
 
@@ -83,17 +96,21 @@ train-demo: data ## retrain the committed demo model (85 min on 2 CPU cores; see
 	$(PY) -m serve_demo train --data $(DATA) --name shapes --arch fcos_tiny --epochs 9 \
 		--batch-size 8 --lr 2e-3 --seed 0 --eval-every 3 --fp16 --threads 2
 
+train-masks: data-masks ## retrain the committed mask model from the demo's backbone (see weights/shapes_masks.json)
+	$(PY) -m serve_demo train --data $(MASK_DATA) --name shapes_masks --arch maskrcnn_tiny --epochs 3 \
+		--batch-size 8 --lr 2e-3 --seed 0 --eval-every 1 --threads 2 --init-backbone weights/shapes.pt
+
 $(MAR): $(WEIGHTS) $(LABELS) $(wildcard serve_demo/*.py handlers/*.py) | $(STAMP)
 	$(PY) -m serve_demo archive --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
 		--weights $(WEIGHTS) --labels $(LABELS) --threshold $(THRESHOLD) --batch-size $(BATCH_SIZE) \
 		$(if $(FORMAT),--response-format $(FORMAT)) $(if $(MASK_THRESHOLD),--mask-threshold $(MASK_THRESHOLD)) \
-		$(if $(MODEL_KWARGS),--model-kwargs '$(MODEL_KWARGS)')
+		$(if $(MODEL_KWARGS),--model-kwargs '$(MODEL_KWARGS)') $(GPU_OPTIONS)
 
 archive: $(STAMP) ## bundle WEIGHTS + LABELS (+ MODEL_FILE) into model-store/NAME-VERSION.mar
 	$(PY) -m serve_demo archive --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
 		--weights $(WEIGHTS) --labels $(LABELS) --threshold $(THRESHOLD) --batch-size $(BATCH_SIZE) \
 		$(if $(FORMAT),--response-format $(FORMAT)) $(if $(MASK_THRESHOLD),--mask-threshold $(MASK_THRESHOLD)) \
-		$(if $(MODEL_KWARGS),--model-kwargs '$(MODEL_KWARGS)')
+		$(if $(MODEL_KWARGS),--model-kwargs '$(MODEL_KWARGS)') $(GPU_OPTIONS)
 
 serve: $(STAMP) ## start TorchServe on 127.0.0.1 with the recorded versions (model-store/registry.json)
 	$(PY) -m serve_demo serve $(SERVE_ARGS)
@@ -153,7 +170,7 @@ compare: $(NEEDS_DATA) | $(STAMP) ## side-by-side metrics + plot of NAME version
 	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make compare NAME=$(NAME) A=1.0 B=2.0"; exit 2; }
 	$(PY) -m serve_demo compare --model $(NAME) --a $(A) --b $(B) $(EVAL_ARGS)
 
-demo: data ## end to end: setup, data, archive the committed model, serve, predict, draw
+demo: data $(NEEDS_DATA) ## end to end: setup, data, archive the committed model, serve, predict, draw
 	@$(MAKE) --no-print-directory $(MAR)
 	@$(MAKE) --no-print-directory serve
 	$(PY) -m serve_demo predict $(IMAGE) --model $(NAME) --draw $(DRAW) \

@@ -70,7 +70,7 @@ class DetectorHandler(VisionHandler):
         for i, row in enumerate(data):
             context.set_response_content_type(i, JSON)
             try:
-                parsed.append(parse_row(row, context.get_all_request_header(i), self.cfg))
+                parsed.append(parse_row(row, context.get_all_request_header(i), self.cfg, self.device))
                 good.append(i)
             except RequestError as err:
                 context.set_response_status(err.code, err.kind, i)
@@ -80,7 +80,7 @@ class DetectorHandler(VisionHandler):
             log.info("batch of %d requests (%d refused)", len(data), len(data) - len(parsed))
         images = [r.image for p in parsed for r in p.requests]
         if images:
-            outputs = iter(run_detector(self.model, images, self.device, self.cfg.fp16))
+            outputs = iter(run_detector(self.model, images, self.device, self.cfg.fp16, self.cfg.pin_memory))
             for i, p in zip(good, parsed):
                 payloads = [format_output(next(outputs), r, self.names, self.model_name,
                                           self.model_version, self.cfg.keypoint_names)

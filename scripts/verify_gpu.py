@@ -14,10 +14,14 @@ the TorchServe worker runs) and compares. Expected output on a working GPU machi
     fp32 cuda vs cpu: 20 images, max box diff 0.00xx px, max score diff 0.000x, labels equal: True
     fp16 cuda vs cpu: 20 images, matched 9x.x % of NN detections above 0.5
     latency per image: cpu xx ms, cuda fp32 x ms, cuda fp16 x ms
+    gpu_decode: 20 JPEGs decoded by nvjpeg, mean pixel diff vs Pillow 0.xx, matched 9x.x % of NN detections
+    channels_last: max box diff 0.0xxx px, labels equal: True
+    pin_memory: outputs equal: True
     PASS
 
-It prints FAIL (exit 1) if fp32 boxes differ by more than 0.1 px or fp16 matches fewer than 95 %
-of the CPU detections above 0.5.
+It prints FAIL (exit 1) if fp32 (or channels_last) boxes differ by more than 0.1 px, pinned
+uploads change an output, or fp16 / nvjpeg decoding match fewer than 95 % of the CPU detections
+above 0.5 (nvjpeg's IDCT rounds differently from libjpeg: pixels differ by about one level).
 """
 
 from __future__ import annotations
@@ -37,6 +41,64 @@ from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
 from serve_demo.evaluate import ArchiveModel  # noqa: E402
 from serve_demo.serving import run_detector  # noqa: E402
 from serve_demo.synth import SynthConfig, render_image  # noqa: E402
+
+
+def match_rate(ref: list[dict], other: list[dict]) -> tuple[float, int]:
+    """Share of reference detections above 0.5 found again (same label, IoU > 0.9)."""
+    from torchvision.ops import box_iou
+
+    matched = total = 0
+    for a, b in zip(ref, other):
+        keep_a, keep_b = a["scores"] > 0.5, b["scores"] > 0.5
+        total += int(keep_a.sum())
+        if keep_a.any() and keep_b.any():
+            iou = box_iou(a["boxes"][keep_a], b["boxes"][keep_b])
+            same = a["labels"][keep_a][:, None] == b["labels"][keep_b][None, :]
+            matched += int(((iou > 0.9) & same).any(1).sum())
+    return 100.0 * matched / max(1, total), total
+
+
+def box_shift(a: dict, b: dict) -> float:
+    """Largest box coordinate change between two outputs (inf when the detection counts differ)."""
+    if a["boxes"].shape != b["boxes"].shape:
+        return float("inf")
+    return (a["boxes"] - b["boxes"]).abs().max().item() if len(a["boxes"]) else 0.0
+
+
+def check_handler_options(mar: Path, images: list[torch.Tensor], ref: list[dict], cuda: torch.device) -> bool:
+    """``handler.gpu_decode``, ``channels_last`` and ``pin_memory`` against the CPU reference."""
+    import io
+
+    from PIL import Image
+
+    from serve_demo.imaging import decode_image, decode_image_on
+
+    model = ArchiveModel(mar).model.to(cuda)
+    jpegs = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    on_gpu = [decode_image_on(j, cuda, gpu_decode=True) for j in jpegs]
+    on_cpu = [decode_image(j) for j in jpegs]
+    decoded_on_gpu = sum(t.device.type == "cuda" for t in on_gpu)
+    pixel = sum((g.cpu().float() - c.float()).abs().mean().item() for g, c in zip(on_gpu, on_cpu)) / len(jpegs)
+    cpu_ref = [run_detector(ArchiveModel(mar).model, [c], torch.device("cpu"))[0] for c in on_cpu]
+    gpu_out = [run_detector(model, [g], cuda)[0] for g in on_gpu]
+    rate, total = match_rate(cpu_ref, gpu_out)
+    print(f"gpu_decode: {decoded_on_gpu} of {len(jpegs)} JPEGs decoded by nvjpeg, mean pixel diff vs Pillow "
+          f"{pixel:.2f}, matched {rate:.1f} % of {total} detections")
+    nhwc = model.to(memory_format=torch.channels_last)
+    last = [run_detector(nhwc, [im], cuda)[0] for im in images]
+    diff = max(box_shift(a, b) for a, b in zip(ref, last))
+    same_labels = all(torch.equal(a["labels"], b["labels"]) for a, b in zip(ref, last))
+    print(f"channels_last: max box diff {diff:.4f} px, labels equal: {same_labels}")
+    model = ArchiveModel(mar).model.to(cuda)
+    plain = [run_detector(model, [im], cuda)[0] for im in images]
+    pinned = [run_detector(model, [im], cuda, pin_memory=True)[0] for im in images]
+    equal = all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(plain, pinned))
+    print(f"pin_memory: outputs equal: {equal}")
+    return decoded_on_gpu == len(jpegs) and rate >= 95.0 and diff <= 0.1 and same_labels and equal
 
 
 def main() -> int:
@@ -73,20 +135,11 @@ def main() -> int:
     labels_equal = all(torch.equal(a["labels"], b["labels"]) for a, b in zip(ref, fp32))
     print(f"fp32 cuda vs cpu: {len(images)} images, max box diff {box_diff:.4f} px, "
           f"max score diff {score_diff:.4f}, labels equal: {labels_equal}")
-    from torchvision.ops import box_iou
-
-    matched = total = 0
-    for a, b in zip(ref, fp16):
-        keep_a, keep_b = a["scores"] > 0.5, b["scores"] > 0.5
-        total += int(keep_a.sum())
-        if keep_a.any() and keep_b.any():
-            iou = box_iou(a["boxes"][keep_a], b["boxes"][keep_b])
-            same = a["labels"][keep_a][:, None] == b["labels"][keep_b][None, :]
-            matched += int(((iou > 0.9) & same).any(1).sum())
-    rate = 100.0 * matched / max(1, total)
+    rate, total = match_rate(ref, fp16)
     print(f"fp16 cuda vs cpu: {len(images)} images, matched {rate:.1f} % of {total} detections above 0.5")
     print(f"latency per image: cpu {t_cpu:.1f} ms, cuda fp32 {t32:.1f} ms, cuda fp16 {t16:.1f} ms")
     ok = box_diff <= 0.1 and labels_equal and rate >= 95.0
+    ok = check_handler_options(Path(args.mar), images, ref, cuda) and ok
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -65,6 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "if it exists, else COCO's 17 names)")
     p.add_argument("--model-kwargs", default=None, metavar="JSON",
                    help="extra builder arguments, e.g. '{\"min_size\": 512, \"box_score_thresh\": 0.01}'")
+    gpu = p.add_argument_group("GPU options (CUDA workers only; off by default, check them with "
+                               "scripts/verify_gpu.py and scripts/bench_gpu.py on your GPU)")
+    gpu.add_argument("--fp16", action="store_true", help="float16 autocast for the forward pass")
+    gpu.add_argument("--gpu-decode", action="store_true", help="decode plain JPEGs with nvjpeg on the GPU")
+    gpu.add_argument("--channels-last", action="store_true", help="NHWC convolution weights")
+    gpu.add_argument("--pin-memory", action="store_true", help="page-locked host copies before the upload")
     p.add_argument("--export-path", default="model-store")
     p.add_argument("--build-dir", default="build/archive")
     p.add_argument("--no-check", action="store_true", help="skip loading and running the model")
@@ -85,6 +91,9 @@ def model_config(args: argparse.Namespace, arch: str | None) -> dict:
     kwargs = model_kwargs_arg(args)
     if kwargs:
         handler["model_kwargs"] = kwargs
+    for option in ("fp16", "gpu_decode", "channels_last", "pin_memory"):
+        if getattr(args, option, False):
+            handler[option] = True
     HandlerConfig.from_yaml(handler)  # same validation as the worker
     return {"minWorkers": args.workers, "maxWorkers": args.workers, "batchSize": args.batch_size,
             "maxBatchDelay": args.max_batch_delay, "responseTimeout": 120, "handler": handler}

@@ -27,7 +27,7 @@ def _lazy(target: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import archive, bench, client, envcheck, evaluate, server, train, versions
+    from . import archive, bench, client, convert, envcheck, evaluate, server, train, versions
 
     parser = argparse.ArgumentParser(prog="serve_demo", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", action="store_true",
                    help="add instance masks (COCO RLE segmentation; same images as without)")
     p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("convert-pennfudan", help="PennFudanPed (images + instance mask PNGs) -> COCO folder")
+    convert.add_arguments(p)
+    p.set_defaults(func=_lazy("convert:main"))
 
     p = sub.add_parser("train", help="train a detector on a COCO-format folder")
     train.add_arguments(p)

@@ -71,20 +71,21 @@ def load_rgb(path: str | Path) -> Image.Image:
 
 def segmentation_to_mask(segmentation, height: int, width: int) -> torch.Tensor:
     """A COCO ``segmentation`` (polygons, RLE or compressed RLE) as an ``H x W`` uint8 mask."""
+    from .masks import decode
+
+    if isinstance(segmentation, dict):  # RLE, compressed or not
+        return torch.from_numpy(decode(segmentation))
+    polys = [p for p in segmentation if len(p) >= 6]
+    if not polys:
+        return torch.zeros((height, width), dtype=torch.uint8)
+    import warnings
+
     from pycocotools import mask as coco_mask
 
-    if isinstance(segmentation, list):  # polygons
-        polys = [p for p in segmentation if len(p) >= 6]
-        if not polys:
-            return torch.zeros((height, width), dtype=torch.uint8)
+    with warnings.catch_warnings():  # pycocotools' numpy 2 copy-keyword notice
+        warnings.simplefilter("ignore", DeprecationWarning)
         rle = coco_mask.merge(coco_mask.frPyObjects(polys, height, width))
-    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-        rle = coco_mask.frPyObjects(segmentation, height, width)
-    else:
-        rle = dict(segmentation)
-        if isinstance(rle["counts"], str):
-            rle["counts"] = rle["counts"].encode()
-    return torch.from_numpy(coco_mask.decode(rle)).to(torch.uint8)
+        return torch.from_numpy(coco_mask.decode(rle)).to(torch.uint8)
 
 
 def keypoint_names(coco: dict, label_map: dict[str, str]) -> list[str]:

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import schema
 from .imaging import RequestError
 from .serving import HandlerConfig, Request, parse_request
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_INSTANCES = 64
 
@@ -87,7 +90,7 @@ def _images_v2(body: dict) -> list[Any]:
     return values
 
 
-def parse_row(row: dict, headers: dict, cfg: HandlerConfig) -> Parsed:
+def parse_row(row: dict, headers: dict, cfg: HandlerConfig, device: torch.device | None = None) -> Parsed:
     """Decode one request of a batch, whatever protocol it speaks.
 
     Raises:
@@ -95,7 +98,7 @@ def parse_row(row: dict, headers: dict, cfg: HandlerConfig) -> Parsed:
     """
     body = _json_body(row)
     if body is None or not ({"instances", "inputs"} & set(body)):
-        return Parsed("plain", [parse_request(row, headers, cfg)])
+        return Parsed("plain", [parse_request(row, headers, cfg, device)])
     protocol = "v1" if "instances" in body else "v2"
     images = _images_v1(body) if protocol == "v1" else _images_v2(body)
     if len(images) > MAX_INSTANCES:
@@ -110,7 +113,7 @@ def parse_row(row: dict, headers: dict, cfg: HandlerConfig) -> Parsed:
     requests = []
     for i, image in enumerate(images):
         try:
-            requests.append(parse_request({"body": image, **options}, headers, cfg))
+            requests.append(parse_request({"body": image, **options}, headers, cfg, device))
         except RequestError as err:
             raise RequestError(err.code, err.kind, f"image {i}: {err.message}") from None
     request_id = body.get("id") if protocol == "v2" else None

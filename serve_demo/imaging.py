@@ -94,3 +94,38 @@ def decode_image(data: bytes | bytearray, max_pixels: int = DEFAULT_MAX_PIXELS) 
                                f"the {im.format} image could not be decoded ({exc}): the file is "
                                "truncated or damaged") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def jpeg_for_gpu(data: bytes | bytearray, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+    """Whether nvjpeg can decode ``data`` exactly as :func:`decode_image` would.
+
+    True for a baseline 8-bit RGB or greyscale JPEG within the pixel limit and without an EXIF
+    rotation; everything else (CMYK, rotated, PNG, bad bytes) goes to the CPU path, which also
+    refuses bad input with its 4xx. Reads the header only.
+    """
+    if len(data) < 4 or bytes(data[:3]) != b"\xff\xd8\xff":
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            return (im.format == "JPEG" and im.mode in ("RGB", "L") and 0 < w * h <= max_pixels
+                    and im.getexif().get(0x0112, 1) == 1 and not im.info.get("progressive"))
+    except Exception:  # noqa: BLE001 - not decodable here: the CPU path answers with the right 4xx
+        return False
+
+
+def decode_image_on(data: bytes | bytearray, device: torch.device, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    gpu_decode: bool = False) -> torch.Tensor:
+    """:func:`decode_image`, or nvjpeg on ``device`` for plain JPEGs when ``gpu_decode`` is on and
+    ``device`` is CUDA (``torchvision.io.decode_jpeg(device=...)``). Same errors, same pixels
+    up to the decoders' rounding (``scripts/verify_gpu.py`` measures it)."""
+    if gpu_decode and device.type == "cuda" and jpeg_for_gpu(data, max_pixels):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # nvjpeg refuses what Pillow may still read: fall through
+            pass
+    return decode_image(data, max_pixels)
+

@@ -110,9 +110,9 @@ def maskrcnn_tiny(num_classes: int, min_size: int = 288, max_size: int = 480, **
     ch = backbone.out_channels
     levels = ["p3", "p4", "p5"]
     anchors = AnchorGenerator(sizes=((16, 24), (32, 48), (64, 128)), aspect_ratios=((0.5, 1.0, 2.0),) * 3)
-    params = {"rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 500,
+    params = {"rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300,
               "rpn_pre_nms_top_n_test": 500, "rpn_post_nms_top_n_test": 300,
-              "box_batch_size_per_image": 256, "box_score_thresh": 0.05, "box_detections_per_img": 100}
+              "box_batch_size_per_image": 128, "box_score_thresh": 0.05, "box_detections_per_img": 100}
     params.update(kwargs)
     return MaskRCNN(
         backbone, num_classes=None, min_size=min_size, max_size=max_size,

@@ -24,13 +24,14 @@ import torch
 from torch import nn
 
 from . import masks, schema
-from .imaging import DEFAULT_MAX_PIXELS, RequestError, decode_image
+from .imaging import DEFAULT_MAX_PIXELS, RequestError, decode_image_on
 from .models import build_model, load_state_dict_file, load_weights, task_of
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("data", "body", "file", "image")
 LABEL_FILE = "index_to_name.json"
+CPU = torch.device("cpu")
 COCO_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
                   "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
                   "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle")
@@ -46,6 +47,9 @@ class HandlerConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     threads: int = 0  # torch threads per worker; 0 keeps torch's default
     fp16: bool = False  # autocast on CUDA only
+    gpu_decode: bool = False  # CUDA only: nvjpeg for plain JPEGs (torchvision.io.decode_jpeg(device=...))
+    channels_last: bool = False  # convolution weights in NHWC (CUDA tensor cores; oneDNN on CPU)
+    pin_memory: bool = False  # CUDA only: page-locked host copies before the upload
     model_kwargs: dict = field(default_factory=dict)
     mask_threshold: float = 0.5  # mask models: probability at which a pixel belongs to the mask
     keypoint_names: list | None = None  # keypoint models; None: COCO's 17 names, else kp_0, kp_1, ...
@@ -156,7 +160,10 @@ def load_detector(model_dir: str | Path, weights: str | None, model_file: str | 
         if not path.is_file():
             raise FileNotFoundError(f"weights file {path} is missing from the archive")
         load_weights(model, load_state_dict_file(str(path)), source=f"{weights} for {source}")
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def header(headers: dict, name: str) -> str | None:
@@ -210,8 +217,9 @@ def _option(row: dict, headers: dict, header_name: str, field_name: str) -> tupl
     return raw, header_name
 
 
-def parse_request(row: dict, headers: dict, cfg: HandlerConfig) -> Request:
-    """Decode one row of a batch and its options.
+def parse_request(row: dict, headers: dict, cfg: HandlerConfig,
+                  device: torch.device | None = None) -> Request:
+    """Decode one row of a batch and its options (on ``device`` with ``cfg.gpu_decode`` and CUDA).
 
     Raises:
         RequestError: any client mistake, with the HTTP code to answer.
@@ -231,14 +239,21 @@ def parse_request(row: dict, headers: dict, cfg: HandlerConfig) -> Request:
     if fmt not in schema.FORMATS:
         raise RequestError(400, "invalid_response_format",
                            f"X-Response-Format must be one of {', '.join(schema.FORMATS)}, got {fmt[:40]!r}")
-    image = decode_image(_image_bytes(row), cfg.max_image_pixels)
+    image = decode_image_on(_image_bytes(row), device or CPU, cfg.max_image_pixels, cfg.gpu_decode)
     return Request(image, threshold, fmt, mask_threshold)
 
 
+def upload(image: torch.Tensor, device: torch.device, pin_memory: bool = False) -> torch.Tensor:
+    """``image`` on ``device``; from page-locked memory when ``pin_memory`` and the copy is to CUDA."""
+    if pin_memory and device.type == "cuda" and image.device.type == "cpu":
+        image = image.pin_memory()
+    return image.to(device, non_blocking=True)
+
+
 def run_detector(model: nn.Module, images: list[torch.Tensor], device: torch.device,
-                 fp16: bool = False) -> list[dict[str, torch.Tensor]]:
+                 fp16: bool = False, pin_memory: bool = False) -> list[dict[str, torch.Tensor]]:
     """Run the detector on uint8 images of any sizes (a list, never stacked); outputs on CPU."""
-    batch = [im.to(device, non_blocking=True).float().div_(255) for im in images]
+    batch = [upload(im, device, pin_memory).float().div_(255) for im in images]
     with torch.inference_mode():
         if fp16 and device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.float16):

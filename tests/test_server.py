@@ -149,7 +149,9 @@ def test_client_cli_draws(server, tmp_path):
                            "--url", server.inference_url, "--draw", str(out), "--home", str(server.home)],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    assert isinstance(json.loads(proc.stdout), list)
+    answer = json.loads(proc.stdout)  # --draw asks for the detailed format (masks, keypoints)
+    schema.validate_detailed(answer)
+    assert answer["detections"]
     assert Image.open(out).size == Image.open(img).size
 
 
