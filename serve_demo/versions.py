@@ -294,10 +294,33 @@ def gate_table(default: dict, candidate: dict, tolerance: float,
                  f"{cf2['f2'] - df2['f2']:+.4f}"])
     rows.append(["best F2@0.5", f"{df2['best_f2']:.4f} @{df2['best_threshold']:.2f}",
                  f"{cf2['best_f2']:.4f} @{cf2['best_threshold']:.2f}", f"{cf2['best_f2'] - df2['best_f2']:+.4f}"])
+    for kind in gated_kinds(default, candidate)[1:]:
+        d, c = default["metrics"][kind], candidate["metrics"][kind]
+        label = kind.removeprefix("coco_")
+        for key in ("mAP", "mAP_50", "mAP_75"):
+            rows.append([f"{label} {key}", f"{d[key]:.4f}", f"{c[key]:.4f}", f"{c[key] - d[key]:+.4f}"])
     rows.append(["images / failures", f"{default['images']} / {len(default['failures'])}",
                  f"{candidate['images']} / {len(candidate['failures'])}", ""])
-    accepted = cc["mAP"] >= dc["mAP"] - tolerance and not candidate["failures"]
+    accepted = not gate_drops(default, candidate, tolerance) and not candidate["failures"]
     return accepted, _table(rows)
+
+
+def gated_kinds(default: dict, candidate: dict) -> list[str]:
+    """The metric families both reports hold: ``coco`` (boxes), then ``coco_segm`` / ``coco_keypoints``."""
+    return [k for k in ("coco", "coco_segm", "coco_keypoints") if k in default["metrics"] and k in candidate["metrics"]]
+
+
+def gate_drops(default: dict, candidate: dict, tolerance: float) -> dict[str, float]:
+    """``{family: mAP drop}`` for each family whose mAP@[.5:.95] falls by more than ``tolerance``.
+
+    Mask and keypoint models are gated on their masks / keypoints as well as their boxes.
+    """
+    drops = {}
+    for kind in gated_kinds(default, candidate):
+        drop = default["metrics"][kind]["mAP"] - candidate["metrics"][kind]["mAP"]
+        if drop > tolerance:
+            drops[kind.removeprefix("coco_").replace("coco", "bbox")] = drop
+    return drops
 
 
 def _evaluate_versions(args: argparse.Namespace, mgmt: Management, versions: list[str]) -> list[dict]:
@@ -332,9 +355,10 @@ def main_promote(args: argparse.Namespace) -> int:
             "images": cand["images"], "dataset_sha256": cand["dataset_sha256"], "forced": False}
     if not accepted:
         if not args.force:
-            drop = base["metrics"]["coco"]["mAP"] - cand["metrics"]["coco"]["mAP"]
+            drops = ", ".join(f"{k} mAP@[.5:.95] {v:.4f} lower" for k, v in
+                              gate_drops(base, cand, args.tolerance).items())
             why = (f"{len(cand['failures'])} of its requests failed" if cand["failures"] else
-                   f"its mAP@[.5:.95] is {drop:.4f} lower than {current}'s (tolerance {args.tolerance})")
+                   f"{drops} than {current} (tolerance {args.tolerance})")
             print(f"REFUSED: {why}; the default stays {current}. FORCE=1 (--force) overrides.")
             return EXIT_REFUSED
         note["forced"] = True

@@ -299,3 +299,27 @@ def test_drawing_paints_masks_inside_only_and_keypoints():
     assert out[10, 10].sum() > 0  # inside the mask, away from the box outline
     assert out[20, 10].sum() == 0  # outside mask and box
     assert out[25, 30].sum() > 0  # the keypoint dot
+
+
+def test_evaluator_scores_keypoints_and_masks_from_detailed_answers():
+    """The served path's plumbing: detailed payloads -> COCO rows -> bbox + segm + keypoint AP."""
+    from serve_demo.evaluate import compute_metrics, to_rows
+
+    gt = _mask_gt()
+    kps = [[[10.0, 8.0, 2.0], [25.0, 15.0, 2.0]], [[35.0, 30.0, 2.0], [45.0, 36.0, 2.0]]]
+    gt["categories"][0]["keypoints"] = ["head", "tail"]
+    for a, k in zip(gt["annotations"], kps):
+        a["keypoints"] = [v for p in k for v in p]
+        a["num_keypoints"] = 2
+    dets = [{"label": "thing", "label_id": 1, "score": 0.9,
+             "box": [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]],
+             "mask": a["segmentation"], "keypoints": [[x, y, 5.0] for x, y, _ in k]}
+            for a, k in zip(gt["annotations"], kps)]
+    payload = {"detections": dets, "image_size": [50, 40], "model": "m", "version": "1",
+               "keypoint_names": ["head", "tail"]}
+    schema.validate_detailed(payload)
+    metrics = compute_metrics(gt, to_rows({1: payload}, gt), 0.5)
+    assert metrics["coco"]["mAP"] == pytest.approx(1.0)
+    assert metrics["coco_segm"]["mAP"] == pytest.approx(1.0)
+    assert metrics["coco_keypoints"]["mAP"] == pytest.approx(1.0)
+    assert metrics["per_class"]["thing"]["segm_AP"] == pytest.approx(1.0)

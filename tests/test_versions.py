@@ -16,7 +16,14 @@ import requests
 from serve_demo import cli
 from serve_demo.archive import build
 from serve_demo.management import Management
-from serve_demo.versions import Registry, VersionError, gate_table, start_from_registry, version_key
+from serve_demo.versions import (
+    Registry,
+    VersionError,
+    gate_drops,
+    gate_table,
+    start_from_registry,
+    version_key,
+)
 from tests.conftest import DEMO_LABELS, DEMO_WEIGHTS, ROOT, archive_args, encode, make_server, synth_image
 
 EARLY_WEIGHTS = ROOT / "weights" / "shapes_1ep.pt"
@@ -82,6 +89,17 @@ def test_gate_tolerance(candidate, failures, accepted):
     ok, table = gate_table(_result("1.0", 0.700), _result("2.0", candidate, failures), tolerance=0.005)
     assert ok is accepted
     assert "default 1.0" in table and "candidate 2.0" in table and f"{candidate - 0.7:+.4f}" in table
+
+
+def test_gate_checks_masks_too_when_both_reports_have_them():
+    base, cand = _result("1.0", 0.700), _result("2.0", 0.710)
+    base["metrics"]["coco_segm"] = {"mAP": 0.60, "mAP_50": 0.9, "mAP_75": 0.6}
+    cand["metrics"]["coco_segm"] = {"mAP": 0.50, "mAP_50": 0.8, "mAP_75": 0.5}
+    ok, table = gate_table(base, cand, tolerance=0.005)
+    assert not ok and "segm mAP" in table and "-0.1000" in table
+    assert gate_drops(base, cand, 0.005) == {"segm": pytest.approx(0.1)}
+    cand["metrics"]["coco_segm"]["mAP"] = 0.598
+    assert gate_table(base, cand, tolerance=0.005)[0]
 
 
 # --------------------------------------------------------------------------- real TorchServe
