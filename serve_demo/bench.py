@@ -180,7 +180,9 @@ def ours_archive(weights: Path, labels: Path, arch: str, store: Path, build: Pat
 def start_torchserve(home: Path, store: Path, models: str):
     from .server import TorchServe
 
-    ts = TorchServe.on_free_ports(home, store, models=models)
+    # per-request HandlerTime lines need the log metrics mode; the shipped config uses prometheus,
+    # whose /metrics endpoint keeps only the last value of a gauge
+    ts = TorchServe.on_free_ports(home, store, models=models, environment={"TS_METRICS_MODE": "log"})
     ts.start()
     ts.wait_ready(180)
     return ts

@@ -217,3 +217,13 @@ def test_oxford_pets_resnet50_model_file_answers_curl(server, pets_mar, tmp_path
         print(f"pets resnet50: {len(dets)} detections in {time.time() - t0:.1f} s")
     finally:
         ts.stop()
+
+
+def test_metrics_endpoint_serves_prometheus_text(server):
+    """The shipped config's metrics_mode=prometheus: :8082/metrics (what Kubernetes scrapes) has
+    the request latency and the handler's own HandlerTime after a prediction."""
+    assert post(server, "shapes", encode(synth_image(11))).status_code == 200
+    text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+    assert "# TYPE ts_inference_latency_microseconds counter" in text
+    assert 'ts_inference_requests_total{model_name="shapes"' in text
+    assert any(line.startswith("HandlerTime{") and 'ModelName="shapes"' in line for line in text.splitlines())
