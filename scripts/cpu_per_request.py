@@ -51,6 +51,9 @@ def main() -> int:
     p.add_argument("--store", default="build/bench/store")
     p.add_argument("--requests", type=int, default=120)
     p.add_argument("--port", type=int, default=18660)
+    p.add_argument("--metrics-mode", default="prometheus", choices=("prometheus", "log"),
+                   help="TorchServe's metrics_mode (shipped: prometheus; log writes metric lines per request)")
+    p.add_argument("--torchserve-only", action="store_true", help="skip the LitServe measurement")
     args = p.parse_args()
     store = Path(args.store)
     if not (store / "ours0-1.0.mar").exists():
@@ -58,14 +61,17 @@ def main() -> int:
         return 2
     images = load_images(Path("data/shapes"), "test", 40)
 
-    ts = start_torchserve(Path("build/bench/cpu-acct"), store, "ours0-1.0.mar")
+    ts = start_torchserve(Path("build/bench/cpu-acct"), store, "ours0-1.0.mar", args.metrics_mode)
     try:
         desc = requests.get(f"{ts.management_url}/models/ours0", headers=ts.auth(), timeout=5).json()[0]
         procs = {"JVM frontend": psutil.Process(ts.pid()), "worker": psutil.Process(desc["workers"][0]["pid"])}
         send = multipart_sender(f"{ts.inference_url}/predictions/ours0", ts.auth("inference"))
-        report("TorchServe, 1 worker x 2 threads", *account(procs, send, images, args.requests))
+        report(f"TorchServe (metrics_mode={args.metrics_mode}), 1 worker x 2 threads",
+               *account(procs, send, images, args.requests))
     finally:
         ts.stop()
+    if args.torchserve_only:
+        return 0
 
     with litserve_server(store / "ours0-1.0.mar", 1, 2, args.port) as proc:
         root = psutil.Process(proc.pid)

@@ -177,12 +177,13 @@ def ours_archive(weights: Path, labels: Path, arch: str, store: Path, build: Pat
     return build_archive(ns)
 
 
-def start_torchserve(home: Path, store: Path, models: str):
+def start_torchserve(home: Path, store: Path, models: str, metrics_mode: str = "log"):
+    """TorchServe with the shipped config on free ports; ``metrics_mode`` log by default, because
+    the per-request HandlerTime lines need it (the shipped prometheus mode keeps only the last
+    value of a gauge)."""
     from .server import TorchServe
 
-    # per-request HandlerTime lines need the log metrics mode; the shipped config uses prometheus,
-    # whose /metrics endpoint keeps only the last value of a gauge
-    ts = TorchServe.on_free_ports(home, store, models=models, environment={"TS_METRICS_MODE": "log"})
+    ts = TorchServe.on_free_ports(home, store, models=models, environment={"TS_METRICS_MODE": metrics_mode})
     ts.start()
     ts.wait_ready(180)
     return ts
