@@ -245,12 +245,15 @@ def from_args(args: argparse.Namespace) -> TorchServe:
 def main_serve(args: argparse.Namespace) -> int:
     """``make serve``: start, wait for READY workers, print models and a curl line."""
     from .management import Management
-    from .versions import VersionError, start_from_registry
+    from .versions import VersionError, register_new_models, start_from_registry
 
     ts = from_args(args)
     try:
         if ts.pid():
             print(f"TorchServe already running (pid {ts.pid()}); `make stop` to restart it")
+            added = register_new_models(ts, ts.wait_ready(args.timeout))
+            if added:
+                print(f"registered the new archives {', '.join(added)}")
             status = ts.wait_ready(args.timeout)
         else:
             status = start_from_registry(ts, args.timeout)

@@ -179,6 +179,24 @@ def start_from_registry(ts, timeout: float = 180) -> dict[str, list[dict]]:
     return ts.wait_ready(timeout)
 
 
+def register_new_models(ts, served: dict) -> list[str]:
+    """Register, on a running ``ts``, the recorded archives of models it does not serve yet
+    (an archive made after the server started); defaults first. Returns the archives added."""
+    registry = Registry.load(ts.model_store)
+    for w in registry.sync(ts.model_store):
+        log.warning(w)
+    registry.save()
+    first, later = registry.load_plan()
+    mgmt = Management(ts.management_url, home=ts.home)
+    added = []
+    for archive in first + later:
+        if archive.split("-", 1)[0] not in served:
+            log.info("registering %s (new in %s)", archive, ts.model_store)
+            mgmt.register(archive)
+            added.append(archive)
+    return added
+
+
 # ----------------------------------------------------------------------------------------- commands
 
 

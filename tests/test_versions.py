@@ -21,10 +21,20 @@ from serve_demo.versions import (
     VersionError,
     gate_drops,
     gate_table,
+    register_new_models,
     start_from_registry,
     version_key,
 )
-from tests.conftest import DEMO_LABELS, DEMO_WEIGHTS, ROOT, archive_args, encode, make_server, synth_image
+from tests.conftest import (
+    ASSETS,
+    DEMO_LABELS,
+    DEMO_WEIGHTS,
+    ROOT,
+    archive_args,
+    encode,
+    make_server,
+    synth_image,
+)
 
 EARLY_WEIGHTS = ROOT / "weights" / "shapes_1ep.pt"
 
@@ -192,3 +202,28 @@ def test_register_refuses_what_is_not_in_the_store(server, capsys):
         assert r.status_code in (400, 404), (url, r.status_code, r.text)
     assert cli.main(["promote", "--model", "shapes", "--version", "9.9", *conn[:2], *conn[4:]]) == 2
     assert "register it first" in capsys.readouterr().err
+
+
+def test_serve_on_a_running_server_registers_models_archived_since(tmp_path, fixed_weights):
+    """`make demo NAME=other` while TorchServe runs: the new model's archive gets registered."""
+    store = tmp_path / "store"
+
+    def archive(name: str) -> None:
+        build(archive_args(name=name, weights=str(fixed_weights), labels=str(ASSETS / "fixed_labels.json"),
+                           model_file=str(ASSETS / "fixed_detector.py"), export_path=str(store),
+                           build_dir=str(tmp_path / "build")))
+
+    archive("first")
+    ts = make_server(tmp_path / "home", store)
+    try:
+        status = start_from_registry(ts, timeout=180)
+        assert set(status) == {"first"}
+        archive("second")
+        assert register_new_models(ts, ts.wait_ready(60)) == ["second-1.0.mar"]
+        assert register_new_models(ts, ts.wait_ready(60)) == []  # nothing new: nothing done
+        r = requests.post(f"{ts.inference_url}/predictions/second", data=encode(synth_image(1)),
+                          headers=ts.auth("inference"), timeout=60)
+        assert r.status_code == 200, r.text
+        assert "second" in Registry.load(store).models
+    finally:
+        ts.stop()
