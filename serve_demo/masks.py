@@ -77,6 +77,8 @@ def decompress_counts(counts: str) -> list[int]:
     while p < len(counts):
         x, k, more = 0, 0, True
         while more:
+            if p >= len(counts):
+                raise ValueError("RLE counts string ends in the middle of a number")
             c = ord(counts[p]) - 48
             x |= (c & 0x1F) << (5 * k)
             more = bool(c & 0x20)

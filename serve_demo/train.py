@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .cocometrics import coco_metrics, to_coco_detections
-from .data import CocoDetection, collate, label_map_from_coco, load_coco
+from .data import CocoDetection, collate, keypoint_names, label_map_from_coco, load_coco
 from .models import DEMO_ARCH, available_archs, build_model, load_state_dict_file, task_of
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,6 @@ def main(args: argparse.Namespace) -> int:
     log.info("Creating model %s on %s", args.arch, device)
     model_kwargs = {}
     if task == "keypoints":
-        from .data import keypoint_names
         model_kwargs["num_keypoints"] = len(keypoint_names(train_set.coco, label_map))
     model = build_model(args.arch, num_classes=len(label_map), **model_kwargs)
     if args.init_backbone and not (run_dir / "checkpoint.pt").exists():
@@ -242,7 +241,6 @@ def main(args: argparse.Namespace) -> int:
     export_weights(model, weights, args.fp16)
     labels.write_text(json.dumps(label_map, indent=2) + "\n")
     if task == "keypoints":
-        from .data import keypoint_names
         names_path = Path(args.labels_dir) / f"{args.name}.keypoints.json"
         names_path.write_text(json.dumps(keypoint_names(train_set.coco, label_map)) + "\n")
     card = {"name": args.name, "arch": args.arch, "data": str(args.data), "seed": args.seed,
