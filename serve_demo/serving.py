@@ -231,11 +231,10 @@ def parse_request(row: dict, headers: dict, cfg: HandlerConfig,
     raw, source = _option(row, headers, "X-Mask-Threshold", "mask_threshold")
     if raw is not None:
         mask_threshold = parse_threshold(raw, source)
-    fmt = header(headers, "X-Response-Format")
-    if fmt is None and row.get("response_format") is not None:
-        fmt = bytes(row["response_format"]).decode("utf-8", "replace") \
-            if isinstance(row["response_format"], (bytes, bytearray)) else str(row["response_format"])
-    fmt = (fmt or cfg.response_format).strip().lower()
+    fmt, _ = _option(row, headers, "X-Response-Format", "response_format")
+    if isinstance(fmt, (bytes, bytearray)):
+        fmt = bytes(fmt).decode("utf-8", "replace")
+    fmt = str(fmt or cfg.response_format).strip().lower()
     if fmt not in schema.FORMATS:
         raise RequestError(400, "invalid_response_format",
                            f"X-Response-Format must be one of {', '.join(schema.FORMATS)}, got {fmt[:40]!r}")
