@@ -76,6 +76,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="skip loading and running the model")
 
 
+def namespace(**values) -> argparse.Namespace:
+    """The archive options with their command-line defaults and ``values`` applied (for Python callers).
+
+    Raises:
+        TypeError: a name that is not an archive option.
+    """
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    ns = p.parse_args(["--name", "", "--weights", "", "--labels", ""])
+    for key, value in values.items():
+        if not hasattr(ns, key):
+            raise TypeError(f"unknown archive option {key!r}")
+        setattr(ns, key, value)
+    return ns
+
+
 def model_config(args: argparse.Namespace, arch: str | None) -> dict:
     """The archive's ``model-config.yaml``: TorchServe keys plus the handler's section."""
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
@@ -84,7 +100,7 @@ def model_config(args: argparse.Namespace, arch: str | None) -> dict:
     if arch:
         handler["arch"] = arch
     if task_of(arch) == "masks":
-        handler["mask_threshold"] = getattr(args, "mask_threshold", 0.5)
+        handler["mask_threshold"] = args.mask_threshold
     names = keypoint_names_arg(args) if task_of(arch) == "keypoints" else None
     if names:
         handler["keypoint_names"] = names
@@ -92,7 +108,7 @@ def model_config(args: argparse.Namespace, arch: str | None) -> dict:
     if kwargs:
         handler["model_kwargs"] = kwargs
     for option in ("fp16", "gpu_decode", "channels_last", "pin_memory"):
-        if getattr(args, option, False):
+        if getattr(args, option):
             handler[option] = True
     HandlerConfig.from_yaml(handler)  # same validation as the worker
     return {"minWorkers": args.workers, "maxWorkers": args.workers, "batchSize": args.batch_size,
@@ -101,7 +117,7 @@ def model_config(args: argparse.Namespace, arch: str | None) -> dict:
 
 def keypoint_names_arg(args: argparse.Namespace) -> list[str] | None:
     """``--keypoint-names`` (or ``LABELS`` beside it as ``.keypoints.json``), validated."""
-    path = getattr(args, "keypoint_names", None)
+    path = args.keypoint_names
     if path is None:
         guess = Path(args.labels).with_suffix(".keypoints.json")
         path = str(guess) if guess.is_file() else None
@@ -118,7 +134,7 @@ def keypoint_names_arg(args: argparse.Namespace) -> list[str] | None:
 
 def model_kwargs_arg(args: argparse.Namespace) -> dict:
     """``--model-kwargs`` as a dict."""
-    raw = getattr(args, "model_kwargs", None)
+    raw = args.model_kwargs
     if not raw:
         return {}
     try:

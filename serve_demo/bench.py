@@ -167,14 +167,13 @@ def stock_archive(weights: Path, labels: Path, arch: str, store: Path, build: Pa
 def ours_archive(weights: Path, labels: Path, arch: str, store: Path, build: Path, name: str, workers: int,
                  threads: int, batch: int, delay: int) -> Path:
     from .archive import build as build_archive
+    from .archive import namespace
 
-    ns = argparse.Namespace(name=name, version="1.0", weights=str(weights), labels=str(labels), arch=arch,
-                            model_file=None, handler=str(Path(__file__).resolve().parent.parent / "handlers" /
-                                                         "detector_handler.py"),
-                            threshold=0.5, response_format="stock", batch_size=batch, max_batch_delay=delay,
-                            workers=workers, threads=threads, export_path=str(store), build_dir=str(build),
-                            no_check=True)
-    return build_archive(ns)
+    handler = Path(__file__).resolve().parent.parent / "handlers" / "detector_handler.py"
+    return build_archive(namespace(name=name, weights=str(weights), labels=str(labels), arch=arch,
+                                   handler=str(handler), batch_size=batch, max_batch_delay=delay,
+                                   workers=workers, threads=threads, export_path=str(store),
+                                   build_dir=str(build), no_check=True))
 
 
 def start_torchserve(home: Path, store: Path, models: str, metrics_mode: str = "log"):

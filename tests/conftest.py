@@ -11,7 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
-from serve_demo.archive import build
+from serve_demo.archive import build, namespace
 from serve_demo.server import TorchServe, read_properties
 from serve_demo.synth import SynthConfig, render_image
 
@@ -34,12 +34,8 @@ def synth_image(seed: int, size: tuple[int, int] | None = None) -> Image.Image:
 
 
 def archive_args(**kw) -> argparse.Namespace:
-    base = dict(name="m", version="1.0", weights=None, labels=None, arch=None, model_file=None,
-                handler=str(ROOT / "handlers" / "detector_handler.py"), threshold=0.5,
-                response_format="stock", batch_size=1, max_batch_delay=20, workers=1, threads=1,
-                export_path=None, build_dir=None, no_check=False)
-    base.update(kw)
-    return argparse.Namespace(**base)
+    """``serve_demo archive`` options for tests: one thread, the repository's handler."""
+    return namespace(**{"handler": str(ROOT / "handlers" / "detector_handler.py"), "threads": 1, **kw})
 
 
 @pytest.fixture(scope="session")
