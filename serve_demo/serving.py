@@ -251,7 +251,11 @@ def upload(image: torch.Tensor, device: torch.device, pin_memory: bool = False) 
 
 def run_detector(model: nn.Module, images: list[torch.Tensor], device: torch.device,
                  fp16: bool = False, pin_memory: bool = False) -> list[dict[str, torch.Tensor]]:
-    """Run the detector on uint8 images of any sizes (a list, never stacked); outputs on CPU."""
+    """Run the detector on uint8 images of any sizes (a list, never stacked); outputs on CPU.
+
+    Masks (``N x 1 x H x W`` probabilities, up to 100 full-image planes) stay on the device:
+    :func:`format_output` thresholds the kept ones there and copies only those, as booleans.
+    """
     batch = [upload(im, device, pin_memory).float().div_(255) for im in images]
     with torch.inference_mode():
         if fp16 and device.type == "cuda":
@@ -259,8 +263,8 @@ def run_detector(model: nn.Module, images: list[torch.Tensor], device: torch.dev
                 outputs = model(batch)
         else:
             outputs = model(batch)
-    return [{k: v.float().cpu() if torch.is_floating_point(v) else v.cpu() for k, v in o.items()}
-            for o in outputs]
+    return [{k: v if k == "masks" else v.float().cpu() if torch.is_floating_point(v) else v.cpu()
+             for k, v in o.items()} for o in outputs]
 
 
 def keypoint_names_for(count: int, configured: list | None) -> list[str]:
