@@ -140,7 +140,7 @@ bench: $(NEEDS_DATA) | $(STAMP) ## benchmark: in-process limit, our handler (swe
 	$(PY) -m serve_demo bench --dataset $(DATASET) --split $(SPLIT)
 
 key: ## print the running server's inference key (curl ... -H "Authorization: Bearer $$(make -s key)")
-	@$(PY) -c "from serve_demo.management import read_key; import sys; k = read_key('build/server', 'inference'); \
+	@$(PY) -c "from serve_demo.serve.management import read_key; import sys; k = read_key('build/server', 'inference'); \
 		print(k) if k else sys.exit('no key: is the server running (make serve) with token authorization on?')"
 
 stop: ## stop TorchServe and wait for the JVM to exit

@@ -5,7 +5,7 @@
 
 Per answer of N masks (object-sized blobs on a W x H image, probabilities as the model gives
 them), medians in ms: thresholding the ``N x 1 x H x W`` probabilities, our numpy encoder
-(``serve_demo.masks``, what the worker runs), pycocotools' ``mask.encode`` on the same binary
+(``serve_demo.core.masks``, what the worker runs), pycocotools' ``mask.encode`` on the same binary
 masks (C, needs a Fortran-ordered copy), and a pixel-by-pixel pure-Python encoder for scale.
 Every encoder's strings are checked equal to pycocotools'. Prints ratios, not only times.
 """
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serve_demo import masks  # noqa: E402
+from serve_demo.core import masks  # noqa: E402
 
 
 def blobs(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -84,7 +84,7 @@ def main() -> int:
     print(f"{args.masks} masks of {w}x{h}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"median of {args.repeat}")
     print(f"threshold (N x 1 x H x W >= 0.5)  {t_thr:8.2f} ms")
-    print(f"serve_demo.masks (numpy)          {t_ours:8.2f} ms  ({t_ours / args.masks:.3f} ms per mask)")
+    print(f"serve_demo.core.masks (numpy)          {t_ours:8.2f} ms  ({t_ours / args.masks:.3f} ms per mask)")
     print(f"pycocotools.mask.encode (C)       {t_coco:8.2f} ms  (ours / pycocotools {t_ours / t_coco:.2f})")
     print(f"pure Python, pixel by pixel       {t_py:8.2f} ms  (pure Python / ours {t_py / t_ours:.0f})")
     print("all encoders' strings identical: True")

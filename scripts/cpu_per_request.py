@@ -21,7 +21,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serve_demo.bench import litserve_server, load, load_images, multipart_sender, start_torchserve  # noqa: E402
+from serve_demo.bench.runner import litserve_server, load, load_images, multipart_sender, start_torchserve  # noqa: E402
 
 
 def cpu_seconds(p: psutil.Process) -> float:

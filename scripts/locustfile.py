@@ -54,7 +54,7 @@ def _load_images(limit: int = 40) -> list[tuple[bytes, str]]:
     else:
         import numpy as np
 
-        from serve_demo.synth import SynthConfig, render_image
+        from serve_demo.data.synth import SynthConfig, render_image
 
         rng = np.random.default_rng(0)
         images = [render_image(rng, SynthConfig())[0] for _ in range(limit)]

@@ -27,7 +27,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from serve_demo.management import Management, ManagementError  # noqa: E402
+from serve_demo.serve.management import Management, ManagementError  # noqa: E402
 
 
 def parse_duration(text: str) -> int:

@@ -7,7 +7,7 @@ model-store/shapes-1.0.mar exists):
     .venv/bin/python scripts/verify_gpu.py [--mar model-store/shapes-1.0.mar] [--images 20]
 
 It loads the archive in-process twice (CPU and CUDA; CUDA also with fp16 autocast, the
-`handler.fp16: true` option), runs the same synthetic images through serve_demo.serving (the code
+`handler.fp16: true` option), runs the same synthetic images through serve_demo.core.pipeline (the code
 the TorchServe worker runs) and compares. Expected output on a working GPU machine:
 
     cuda: NVIDIA ... (torch 2.14.1)
@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
 
-from serve_demo.evaluate import ArchiveModel  # noqa: E402
-from serve_demo.serving import run_detector  # noqa: E402
-from serve_demo.synth import SynthConfig, render_image  # noqa: E402
+from serve_demo.core.pipeline import run_detector  # noqa: E402
+from serve_demo.core.worker import Detector  # noqa: E402
+from serve_demo.data.synth import SynthConfig, render_image  # noqa: E402
 
 
 def match_rate(ref: list[dict], other: list[dict]) -> tuple[float, int]:
@@ -71,9 +71,9 @@ def check_handler_options(mar: Path, images: list[torch.Tensor], ref: list[dict]
 
     from PIL import Image
 
-    from serve_demo.imaging import decode_image, decode_image_on
+    from serve_demo.core.imaging import decode_image, decode_image_on
 
-    model = ArchiveModel(mar).model.to(cuda)
+    model = Detector.from_archive(mar).model.to(cuda)
     jpegs = []
     for im in images:
         buf = io.BytesIO()
@@ -83,7 +83,7 @@ def check_handler_options(mar: Path, images: list[torch.Tensor], ref: list[dict]
     on_cpu = [decode_image(j) for j in jpegs]
     decoded_on_gpu = sum(t.device.type == "cuda" for t in on_gpu)
     pixel = sum((g.cpu().float() - c.float()).abs().mean().item() for g, c in zip(on_gpu, on_cpu)) / len(jpegs)
-    cpu_ref = [run_detector(ArchiveModel(mar).model, [c], torch.device("cpu"))[0] for c in on_cpu]
+    cpu_ref = [run_detector(Detector.from_archive(mar).model, [c], torch.device("cpu"))[0] for c in on_cpu]
     gpu_out = [run_detector(model, [g], cuda)[0] for g in on_gpu]
     rate, total = match_rate(cpu_ref, gpu_out)
     print(f"gpu_decode: {decoded_on_gpu} of {len(jpegs)} JPEGs decoded by nvjpeg, mean pixel diff vs Pillow "
@@ -93,7 +93,7 @@ def check_handler_options(mar: Path, images: list[torch.Tensor], ref: list[dict]
     diff = max(box_shift(a, b) for a, b in zip(ref, last))
     same_labels = all(torch.equal(a["labels"], b["labels"]) for a, b in zip(ref, last))
     print(f"channels_last: max box diff {diff:.4f} px, labels equal: {same_labels}")
-    model = ArchiveModel(mar).model.to(cuda)
+    model = Detector.from_archive(mar).model.to(cuda)
     plain = [run_detector(model, [im], cuda)[0] for im in images]
     pinned = [run_detector(model, [im], cuda, pin_memory=True)[0] for im in images]
     equal = all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(plain, pinned))
@@ -112,9 +112,9 @@ def main() -> int:
     print(f"cuda: {torch.cuda.get_device_name(0)} (torch {torch.__version__})")
     rng = np.random.default_rng(123)
     images = [pil_to_tensor(render_image(rng, SynthConfig())[0]) for _ in range(args.images)]
-    am = ArchiveModel(Path(args.mar))
+    am = Detector.from_archive(args.mar)
     cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
-    gpu_model = ArchiveModel(Path(args.mar)).model.to(cuda)
+    gpu_model = Detector.from_archive(args.mar).model.to(cuda)
 
     def timed(model, device, fp16):
         outs, t0 = [], time.perf_counter()

@@ -1,4 +1,7 @@
-"""``python -m serve_demo <command>``: the package's command line (the Makefile calls it)."""
+"""``python -m serve_demo <command>``: the package's command line (the Makefile calls it).
+
+Only the module of the command that runs is imported (``serve_demo stop`` does not load torch).
+"""
 
 from __future__ import annotations
 
@@ -6,117 +9,71 @@ import argparse
 import importlib
 import logging
 import sys
-from pathlib import Path
+from typing import NamedTuple
 
 
-def _cmd_data(args: argparse.Namespace) -> int:
-    from .synth import generate
-
-    generate(Path(args.out), seed=args.seed, train=args.train, valid=args.valid, test=args.test,
-             masks=args.masks)
-    print(f"dataset ready in {args.out}")
-    return 0
+class Command(NamedTuple):
+    help: str
+    module: str  # under serve_demo
+    add: str  # the module's function adding the command's arguments
+    run: str  # the module's function running it: (args) -> exit code
 
 
-def _lazy(target: str):
-    """A command that imports ``module:function`` only when it runs."""
-    def run(args: argparse.Namespace) -> int:
-        module, func = target.split(":")
-        return getattr(importlib.import_module(f".{module}", __package__), func)(args)
-    return run
+COMMANDS: dict[str, Command] = {
+    "data": Command("generate the synthetic COCO-format dataset", "data.synth", "add_arguments", "main"),
+    "convert-pennfudan": Command("PennFudanPed (images + instance mask PNGs) -> COCO folder",
+                                "data.convert", "add_arguments", "main"),
+    "train": Command("train a detector on a COCO-format folder", "train.trainer", "add_arguments", "main"),
+    "archive": Command("check and bundle weights + labels into model-store/NAME-VERSION.mar",
+                       "archive.builder", "add_arguments", "main"),
+    "serve": Command("start TorchServe (or SERVER=kserve: KServe's ModelServer) and wait until ready",
+                     "serve.torchserve", "add_serve_arguments", "main_serve"),
+    "stop": Command("stop the background server and wait for it to exit", "serve.torchserve",
+                    "add_common_arguments", "main_stop"),
+    "predict": Command("post images to the server and print detections", "serve.client", "add_arguments", "main"),
+    "evaluate": Command("COCO mAP and F2 of a model on a dataset split", "evaluate.evaluator",
+                        "add_arguments", "main"),
+    "versions": Command("list a model's versions: default, served or not, workers, archive",
+                        "serve.versions", "add_versions_arguments", "main_versions"),
+    "register": Command("load MODEL-VERSION.mar into the running server beside other versions",
+                        "serve.versions", "add_register_arguments", "main_register"),
+    "promote": Command("make VERSION the default if it passes the mAP gate against the default",
+                       "serve.versions", "add_promote_arguments", "main_promote"),
+    "rollback": Command("return MODEL's default to the previous default", "serve.versions",
+                        "add_versions_arguments", "main_rollback"),
+    "compare": Command("evaluate two served versions on one split; table + plot", "serve.versions",
+                       "add_compare_arguments", "main_compare"),
+    "bench": Command("in-process limits vs our servers vs the stock handler vs LitServe (one run)",
+                     "bench.runner", "add_arguments", "main"),
+    "check-env": Command("check Python packages and Java 11+", "envcheck", "add_arguments", "main"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import archive, bench, client, convert, envcheck, evaluate, server, train, versions
+def _module(cmd: Command):
+    return importlib.import_module(f"{__package__}.{cmd.module}")
 
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser, with arguments only for the command named in ``argv`` (its module imported)."""
     parser = argparse.ArgumentParser(prog="serve_demo", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("data", help="generate the synthetic COCO-format dataset")
-    p.add_argument("--out", default="data/shapes", help="dataset root (train/ valid/ test/)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train", type=int, default=3000, help="training images")
-    p.add_argument("--valid", type=int, default=200, help="validation images")
-    p.add_argument("--test", type=int, default=300, help="test images")
-    p.add_argument("--masks", action="store_true",
-                   help="add instance masks (COCO RLE segmentation; same images as without)")
-    p.set_defaults(func=_cmd_data)
-
-    p = sub.add_parser("convert-pennfudan", help="PennFudanPed (images + instance mask PNGs) -> COCO folder")
-    convert.add_arguments(p)
-    p.set_defaults(func=_lazy("convert:main"))
-
-    p = sub.add_parser("train", help="train a detector on a COCO-format folder")
-    train.add_arguments(p)
-    p.set_defaults(func=_lazy("train:main"))
-
-    p = sub.add_parser("archive", help="check and bundle weights + labels into model-store/NAME.mar")
-    archive.add_arguments(p)
-    p.set_defaults(func=_lazy("archive:main"))
-
-    p = sub.add_parser("serve", help="start TorchServe in the background and wait until ready")
-    server.add_serve_arguments(p)
-    p.set_defaults(func=_lazy("server:main_serve"))
-
-    p = sub.add_parser("stop", help="stop the background TorchServe and wait for the JVM to exit")
-    server.add_common_arguments(p)
-    p.set_defaults(func=_lazy("server:main_stop"))
-
-    p = sub.add_parser("predict", help="post images to the server and print detections")
-    client.add_arguments(p)
-    p.set_defaults(func=_lazy("client:main"))
-
-    p = sub.add_parser("evaluate", help="COCO mAP and F2 of a model on a dataset split")
-    evaluate.add_arguments(p)
-    p.set_defaults(func=_lazy("evaluate:main"))
-
-    p = sub.add_parser("versions", help="list a model's versions: default, served or not, workers, archive")
-    versions.add_common(p, version=False)
-    p.set_defaults(func=_lazy("versions:main_versions"))
-
-    p = sub.add_parser("register", help="load MODEL-VERSION.mar into the running server beside other versions")
-    versions.add_common(p)
-    p.add_argument("--workers", type=int, default=1, help="initial workers")
-    p.set_defaults(func=_lazy("versions:main_register"))
-
-    p = sub.add_parser("promote", help="make VERSION the default if it passes the mAP gate against the default")
-    versions.add_common(p, connection=False)
-    versions.add_gate_arguments(p)
-    p.add_argument("--tolerance", type=float, default=0.005,
-                   help="largest mAP@[.5:.95] drop accepted (default 0.005)")
-    p.add_argument("--force", action="store_true", help="promote even if the gate refuses")
-    p.set_defaults(func=_lazy("versions:main_promote"))
-
-    p = sub.add_parser("rollback", help="return MODEL's default to the previous default")
-    versions.add_common(p, version=False)
-    p.set_defaults(func=_lazy("versions:main_rollback"))
-
-    p = sub.add_parser("compare", help="evaluate two served versions on one split; table + plot")
-    p.add_argument("--model", required=True)
-    p.add_argument("--a", required=True, help="first version (the baseline)")
-    p.add_argument("--b", required=True, help="second version")
-    p.add_argument("--out", default=None, help="output folder (default reports/compare-MODEL-A-vs-B)")
-    versions.add_gate_arguments(p)
-    p.set_defaults(func=_lazy("versions:main_compare"))
-
-    p = sub.add_parser("bench", help="in-process limit vs this handler vs stock handler vs LitServe (one run)")
-    bench.add_arguments(p)
-    p.set_defaults(func=_lazy("bench:main"))
-
-    p = sub.add_parser("check-env", help="check Python packages and Java 11+")
-    envcheck.add_arguments(p)
-    p.set_defaults(func=_lazy("envcheck:main"))
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        if name == chosen:
+            getattr(_module(cmd), cmd.add)(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    cmd = COMMANDS[args.command]
     try:
-        return int(args.func(args) or 0)
+        return int(getattr(_module(cmd), cmd.run)(args) or 0)
     except KeyboardInterrupt:
         return 130
 

@@ -11,9 +11,9 @@ import pytest
 import requests
 from PIL import Image
 
-from serve_demo.archive import build, namespace
-from serve_demo.server import TorchServe, read_properties
-from serve_demo.synth import SynthConfig, render_image
+from serve_demo.archive.builder import build, namespace
+from serve_demo.data.synth import SynthConfig, render_image
+from serve_demo.serve.torchserve import TorchServe, read_properties
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -70,7 +70,7 @@ def model_store(tmp_path_factory, fixed_weights) -> Path:
 @pytest.fixture(scope="session")
 def test_split(tmp_path_factory) -> Path:
     """A COCO dataset root holding the first 60 images of the synthetic test split (seed 0)."""
-    from serve_demo.synth import generate_split
+    from serve_demo.data.synth import generate_split
 
     root = tmp_path_factory.mktemp("data")
     generate_split(root, "test", 60, seed=0, cfg=SynthConfig(), progress=False)

@@ -8,8 +8,8 @@ import zipfile
 import pytest
 import torch
 
-from serve_demo.archive import ArchiveError, build
-from serve_demo.models import build_model
+from serve_demo.archive.builder import ArchiveError, build
+from serve_demo.core.models import build_model
 from tests.conftest import ASSETS, archive_args
 
 
@@ -33,7 +33,7 @@ def test_archive_contents(tmp_path, dirs, labels6):
     assert mar.name == "det-2.0.mar" and mar.parent.name == "store"
     names = set(zipfile.ZipFile(mar).namelist())
     assert {"w.pt", "index_to_name.json", "model-config.yaml", "detector_handler.py",
-            "serve_demo/serving.py", "serve_demo/models.py", "MAR-INF/MANIFEST.json"} <= names
+            "serve_demo/core/pipeline.py", "serve_demo/core/models.py", "MAR-INF/MANIFEST.json"} <= names
     manifest = json.loads(zipfile.ZipFile(mar).read("MAR-INF/MANIFEST.json"))
     assert manifest["model"]["modelVersion"] == "2.0"
 

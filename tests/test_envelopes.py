@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from serve_demo.envelopes import Parsed, parse_row, wrap
-from serve_demo.imaging import RequestError
-from serve_demo.serving import HandlerConfig
+from serve_demo.core.envelopes import Parsed, parse_row, wrap
+from serve_demo.core.imaging import RequestError
+from serve_demo.core.pipeline import HandlerConfig
 from tests.conftest import encode, post, synth_image
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from serve_demo import masks, schema
-from serve_demo.archive import build
-from serve_demo.management import Management
-from serve_demo.models import TORCHVISION_ARCHS, available_archs, build_model, task_of
-from serve_demo.serving import COCO_KEYPOINTS
+from serve_demo.archive.builder import build
+from serve_demo.core import masks, schema
+from serve_demo.core.models import TORCHVISION_ARCHS, available_archs, build_model, task_of
+from serve_demo.core.pipeline import COCO_KEYPOINTS
+from serve_demo.serve.management import Management
 
 from .conftest import archive_args, encode, make_server, post, synth_image
 

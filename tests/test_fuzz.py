@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serve_demo.imaging import RequestError, decode_image
-from serve_demo.serving import HandlerConfig, parse_request, parse_threshold
+from serve_demo.core.imaging import RequestError, decode_image
+from serve_demo.core.pipeline import HandlerConfig, parse_request, parse_threshold
 from tests.conftest import encode, synth_image
 
 SEEDS = {fmt: encode(synth_image(50, (96, 72)), fmt) for fmt in ("JPEG", "PNG", "GIF", "BMP", "WEBP")}

@@ -12,10 +12,10 @@ import torch
 import yaml
 from PIL import Image
 
-from serve_demo.archive import build
-from serve_demo.evaluate import ArchiveModel
-from serve_demo.imaging import RequestError, decode_image, decode_image_on, jpeg_for_gpu
-from serve_demo.serving import HandlerConfig, load_detector, parse_request, run_detector, upload
+from serve_demo.archive.builder import build
+from serve_demo.core.imaging import RequestError, decode_image, decode_image_on, jpeg_for_gpu
+from serve_demo.core.pipeline import HandlerConfig, load_detector, parse_request, run_detector, upload
+from serve_demo.core.worker import Detector
 
 from .conftest import DEMO_LABELS, DEMO_WEIGHTS, archive_args, encode, synth_image
 
@@ -88,11 +88,11 @@ def test_archive_writes_gpu_options_and_the_model_still_loads(tmp_path):
     config = yaml.safe_load((tmp_path / "build" / "gpu_opts" / "model-config.yaml").read_text())
     assert {k: config["handler"][k] for k in ("fp16", "gpu_decode", "channels_last", "pin_memory")} == \
         {"fp16": True, "gpu_decode": True, "channels_last": True, "pin_memory": True}
-    model = ArchiveModel(mar)
+    model = Detector.from_archive(mar)
     assert model.cfg.gpu_decode and model.cfg.channels_last
     buf = io.BytesIO()
     synth_image(5).save(buf, format="JPEG")
-    assert model.predict(buf.getvalue())["detections"]
+    assert model.predict(buf.getvalue(), threshold=0.0)["detections"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (scripts/verify_gpu.py is the full check)")

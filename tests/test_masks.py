@@ -11,14 +11,14 @@ import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as coco_mask
 
-from serve_demo import masks, schema
-from serve_demo.cocometrics import coco_metrics, for_iou_type, iou_types, to_coco_detections
-from serve_demo.convert import ConvertError, convert_pennfudan, split_names
-from serve_demo.data import CocoDetection, label_map_from_coco, load_coco, segmentation_to_mask
-from serve_demo.draw import draw_detections
-from serve_demo.imaging import RequestError
-from serve_demo.serving import COCO_KEYPOINTS, HandlerConfig, Request, format_output, parse_request
-from serve_demo.synth import SynthConfig, generate_split, render_image
+from serve_demo.core import masks, schema
+from serve_demo.core.draw import draw_detections
+from serve_demo.core.imaging import RequestError
+from serve_demo.core.pipeline import COCO_KEYPOINTS, HandlerConfig, Request, format_output, parse_request
+from serve_demo.data.coco import CocoDetection, label_map_from_coco, load_coco, segmentation_to_mask
+from serve_demo.data.convert import ConvertError, convert_pennfudan, split_names
+from serve_demo.data.synth import SynthConfig, generate_split, render_image
+from serve_demo.evaluate.cocometrics import coco_metrics, for_iou_type, iou_types, to_coco_detections
 
 from .conftest import encode
 
@@ -303,7 +303,7 @@ def test_drawing_paints_masks_inside_only_and_keypoints():
 
 def test_evaluator_scores_keypoints_and_masks_from_detailed_answers():
     """The served path's plumbing: detailed payloads -> COCO rows -> bbox + segm + keypoint AP."""
-    from serve_demo.evaluate import compute_metrics, to_rows
+    from serve_demo.evaluate.evaluator import compute_metrics, to_rows
 
     gt = _mask_gt()
     kps = [[[10.0, 8.0, 2.0], [25.0, 15.0, 2.0]], [[35.0, 30.0, 2.0], [45.0, 36.0, 2.0]]]

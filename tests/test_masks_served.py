@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_demo import masks, schema
-from serve_demo.archive import build
-from serve_demo.evaluate import evaluate
-from serve_demo.management import Management
-from serve_demo.synth import SynthConfig, generate_split
+from serve_demo.archive.builder import build
+from serve_demo.core import masks, schema
+from serve_demo.data.synth import SynthConfig, generate_split
+from serve_demo.evaluate.evaluator import evaluate
+from serve_demo.serve.management import Management
 
 from .conftest import ROOT, archive_args, make_server, post
 

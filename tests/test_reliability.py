@@ -13,7 +13,7 @@ import psutil
 import pytest
 import requests
 
-from serve_demo.archive import build
+from serve_demo.archive.builder import build
 from tests.conftest import DEMO_LABELS, DEMO_WEIGHTS, archive_args, encode, make_server, synth_image, workers
 
 

@@ -15,10 +15,10 @@ import requests
 import torch
 from PIL import Image
 
-from serve_demo import schema
-from serve_demo.archive import build
-from serve_demo.evaluate import ArchiveModel
-from serve_demo.models import build_model
+from serve_demo.archive.builder import build
+from serve_demo.core import schema
+from serve_demo.core.models import build_model
+from serve_demo.core.worker import Detector
 from tests.conftest import ASSETS, ROOT, archive_args, encode, post, synth_image, workers
 
 pytestmark = pytest.mark.server
@@ -130,7 +130,7 @@ def test_unknown_label_id_reported_by_number(server):
 
 
 def test_served_equals_in_process(server, model_store):
-    local = ArchiveModel(model_store / "shapes-1.0.mar")
+    local = Detector.from_archive(model_store / "shapes-1.0.mar")
     for seed in (40, 41, 42):
         data = encode(synth_image(seed))
         served = post(server, "shapes", data, {"X-Response-Format": "detailed", "X-Threshold": "0"}).json()
@@ -158,8 +158,8 @@ def test_client_cli_draws(server, tmp_path):
 def test_demo_model_evaluated_served_and_offline(server, model_store, test_split, tmp_path):
     """`serve_demo evaluate` on the committed demo model (first 60 synthetic test images), through
     the endpoint and in-process from its archive: same mAP, complete report folders."""
-    from serve_demo.evaluate import evaluate, sha256
-    from serve_demo.management import Management
+    from serve_demo.evaluate.evaluator import evaluate, sha256
+    from serve_demo.serve.management import Management
 
     mar = model_store / "shapes-1.0.mar"
     served = evaluate(test_split, "test", model="shapes", url=server.inference_url,
@@ -192,7 +192,7 @@ def test_demo_model_evaluated_served_and_offline(server, model_store, test_split
 def test_oxford_pets_resnet50_model_file_answers_curl(server, pets_mar, tmp_path):
     """The seed's way: model.py + a 3-class fasterrcnn_resnet50_fpn state_dict, served by a second
     instance from its own store, loaded at start-up."""
-    from serve_demo.server import TorchServe, free_ports
+    from serve_demo.serve.torchserve import TorchServe, free_ports
 
     store = Path(pets_mar).parent
     p = free_ports(5)

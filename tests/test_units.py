@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from serve_demo import schema
-from serve_demo.cocometrics import coco_bbox_metrics, f_beta_curve, image_errors, matches_at_iou, pr_curves
-from serve_demo.data import CocoDetection, label_map_from_coco
-from serve_demo.imaging import RequestError, decode_image
-from serve_demo.models import build_model, load_weights
-from serve_demo.serving import HandlerConfig, parse_request, parse_threshold
-from serve_demo.synth import SynthConfig, generate_split
+from serve_demo.core import schema
+from serve_demo.core.imaging import RequestError, decode_image
+from serve_demo.core.models import build_model, load_weights
+from serve_demo.core.pipeline import HandlerConfig, parse_request, parse_threshold
+from serve_demo.data.coco import CocoDetection, label_map_from_coco
+from serve_demo.data.synth import SynthConfig, generate_split
+from serve_demo.evaluate.cocometrics import coco_bbox_metrics, f_beta_curve, image_errors, matches_at_iou, pr_curves
 from tests.conftest import encode
 
 

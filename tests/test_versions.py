@@ -14,9 +14,9 @@ import pytest
 import requests
 
 from serve_demo import cli
-from serve_demo.archive import build
-from serve_demo.management import Management
-from serve_demo.versions import (
+from serve_demo.archive.builder import build
+from serve_demo.serve.management import Management
+from serve_demo.serve.versions import (
     Registry,
     VersionError,
     gate_drops,

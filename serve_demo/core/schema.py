@@ -15,7 +15,7 @@ Two formats answer a prediction (one JSON document per image):
 
   Mask models (Mask R-CNN) add to each detection ``"mask": {"size": [h, w], "counts": str}``,
   its instance mask binarised at the mask threshold as compressed COCO RLE (decode with
-  ``pycocotools.mask.decode`` or :func:`serve_demo.masks.decode`). Keypoint models add
+  ``pycocotools.mask.decode`` or :func:`serve_demo.core.masks.decode`). Keypoint models add
   ``"keypoints": [[x, y, score], ...]`` per detection and ``"keypoint_names": [str, ...]``
   (same order) to the document.
 
@@ -31,9 +31,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import defaults
 from . import masks as rle
 
-FORMATS = ("stock", "detailed")
+FORMATS = defaults.FORMATS
 BOX_DECIMALS = 4
 SCORE_DECIMALS = 5
 

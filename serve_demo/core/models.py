@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -161,14 +162,57 @@ def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
     raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(available_archs())}")
 
 
-def load_state_dict_file(path: str, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load a state_dict (or a training checkpoint holding one) and return float32 tensors."""
-    obj = torch.load(path, map_location=map_location, weights_only=True)
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} does not hold a state_dict (found {type(obj).__name__})")
+def load_state_dict_file(path: str, map_location: str | torch.device = "cpu",
+                         raw: Any = None) -> dict[str, torch.Tensor]:
+    """A state_dict as float32 tensors, from a plain state_dict file, a training checkpoint holding
+    one under ``"model"`` (torchvision's references) or ``"state_dict"`` (PyTorch Lightning).
+
+    ``raw``: the file's already-loaded content, to avoid reading it twice.
+    """
+    obj = torch.load(path, map_location=map_location, weights_only=True) if raw is None else raw
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = type(obj).__name__ if not isinstance(obj, dict) else f"a dict with keys {sorted(obj)[:6]}"
+        raise ValueError(f"{path} does not hold a state_dict (found {found}); save model.state_dict(), "
+                         "or a checkpoint with it under 'model' or 'state_dict'")
     return {k: (v.float() if torch.is_floating_point(v) else v) for k, v in obj.items()}
+
+
+def _ignorable(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def fit_state_dict(model_keys: Iterable[str], state: dict[str, torch.Tensor],
+                   prefix: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """``state`` with the key prefix that maps it onto ``model_keys`` stripped, and that prefix.
+
+    A Lightning module keeps the detector as an attribute (``self.model``), so its checkpoint's
+    keys read ``model.backbone...``. ``prefix`` None finds the prefix that covers every model key
+    (``""`` when the keys already fit); a given one is used as is.
+
+    Raises:
+        ValueError: no prefix (or not the given one) makes the keys fit, with both sides' first keys.
+    """
+    needed = [k for k in model_keys if not _ignorable(k)]
+    if prefix is None:
+        candidates = {""} | {key[:-len(k)] for key in state for k in needed[:1] if key.endswith(k)}
+    else:
+        candidates = {prefix}
+    best, best_cover = None, -1
+    for p in sorted(candidates, key=len):
+        cover = sum(1 for k in needed if p + k in state)
+        if cover > best_cover:
+            best, best_cover = p, cover
+    if best is None or best_cover < len(needed):
+        what = f"the prefix {prefix!r}" if prefix is not None else "no key prefix"
+        raise ValueError(f"{what} maps the file's keys onto the model's ({best_cover if best_cover > 0 else 0} "
+                         f"of {len(needed)} fit): file keys start {sorted(state)[:3]}, model keys "
+                         f"{needed[:3]}; name the prefix with --weights-prefix (make archive WEIGHTS_PREFIX=...)")
+    return {k[len(best):]: v for k, v in state.items() if k.startswith(best)}, best
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state_dict") -> None:
@@ -176,7 +220,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     # FrozenBatchNorm2d drops BatchNorm's counters itself: a state_dict trained with BatchNorm fits
-    unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own and not _ignorable(k)]
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:

@@ -71,7 +71,7 @@ def load_rgb(path: str | Path) -> Image.Image:
 
 def segmentation_to_mask(segmentation, height: int, width: int) -> torch.Tensor:
     """A COCO ``segmentation`` (polygons, RLE or compressed RLE) as an ``H x W`` uint8 mask."""
-    from .masks import decode
+    from serve_demo.core.masks import decode
 
     if isinstance(segmentation, dict):  # RLE, compressed or not
         return torch.from_numpy(decode(segmentation))

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from . import defaults
+
 FORMATS = {"JPEG", "PNG", "BMP", "WEBP", "GIF", "MPO"}
-DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_PIXELS = defaults.MAX_IMAGE_PIXELS
 
 
 class RequestError(ValueError):

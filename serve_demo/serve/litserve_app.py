@@ -1,16 +1,15 @@
 """The same model served by LitServe, for ``make bench``'s comparison (not a product path).
 
-    python -m serve_demo.litserve_app --mar model-store/shapes-1.0.mar --port 8000
+    python -m serve_demo.serve.litserve_app --mar model-store/shapes-1.0.mar --port 8000
 
 Same archive, same decoding, same model code and response format as the TorchServe handler
-(through :class:`serve_demo.evaluate.ArchiveModel`); the image arrives as multipart field
+(through :class:`serve_demo.core.worker.Detector`); the image arrives as multipart field
 ``data`` on ``POST /predict``.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import litserve as ls
 from fastapi import HTTPException
@@ -26,16 +25,16 @@ class DetectorAPI(ls.LitAPI):
     def setup(self, device) -> None:
         import torch
 
-        from .evaluate import ArchiveModel
+        from serve_demo.core.worker import Detector
 
         torch.set_num_threads(self.threads)
-        self.model = ArchiveModel(Path(self.mar))
+        self.model = Detector.from_archive(self.mar)
 
     def decode_request(self, request):
         return request["data"].file.read()
 
     def predict(self, data: bytes):
-        from .imaging import RequestError
+        from serve_demo.core.imaging import RequestError
 
         try:
             return self.model.predict(data, threshold=self.threshold, response_format="stock")

@@ -12,7 +12,7 @@ from typing import Any
 
 import requests
 
-from .schema import parse_detections
+from serve_demo.core.schema import parse_detections
 
 DEFAULT_URL = f"http://127.0.0.1:{os.environ.get('INFERENCE_PORT', '8080')}"
 
@@ -95,7 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Print each image's JSON answer; exit 1 if any request failed."""
-    from .draw import save_drawing
+    from serve_demo.core.draw import save_drawing
+
     from .management import read_key
 
     token = args.token or read_key(args.home, "inference")

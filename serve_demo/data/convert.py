@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import ANNOTATIONS
-from .masks import encode
+from .coco import ANNOTATIONS
+from serve_demo.core.masks import encode
 
 log = logging.getLogger(__name__)
 

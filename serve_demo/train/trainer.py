@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .cocometrics import coco_metrics, to_coco_detections
-from .data import CocoDetection, collate, keypoint_names, label_map_from_coco, load_coco
-from .models import DEMO_ARCH, available_archs, build_model, load_state_dict_file, task_of
+from serve_demo.core.models import DEMO_ARCH, available_archs, build_model, load_state_dict_file, task_of
+from serve_demo.data.coco import CocoDetection, collate, keypoint_names, label_map_from_coco, load_coco
+from serve_demo.evaluate.cocometrics import coco_metrics, to_coco_detections
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.devic
     """
     from tqdm import tqdm
 
-    from .masks import encode_all, keypoint_triplets
+    from serve_demo.core.masks import encode_all, keypoint_triplets
 
     model.eval()
     label_to_cat = {lab: cat for cat, lab in dataset.cat_to_label.items()}

@@ -16,10 +16,8 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,11 +25,12 @@ from typing import Any
 import numpy as np
 import requests
 
-from . import schema
-from .client import DEFAULT_URL, PredictionError, predict_bytes
+from serve_demo.core import schema
+from serve_demo.data.coco import load_coco, load_rgb, split_dir
+from serve_demo.serve.client import DEFAULT_URL, PredictionError, predict_bytes
+from serve_demo.serve.management import DEFAULT_MANAGEMENT_URL, Management, ManagementError, read_key
+
 from .cocometrics import coco_metrics, f_beta_curve, image_errors, iou_types, matches_at_iou, pr_curves
-from .data import load_coco, load_rgb, split_dir
-from .management import DEFAULT_MANAGEMENT_URL, Management, ManagementError, read_key
 
 log = logging.getLogger(__name__)
 
@@ -87,43 +86,6 @@ def served_predictions(folder: Path, coco: dict, model: str, url: str, version: 
             else:
                 results[image_id] = body
     return results, failures
-
-
-class ArchiveModel:
-    """An archive's model loaded in-process, answering like the handler does."""
-
-    def __init__(self, mar: Path) -> None:
-        import torch
-        import yaml
-
-        from .serving import LABEL_FILE, HandlerConfig, load_detector, read_label_map
-
-        self._tmp = tempfile.TemporaryDirectory(prefix="serve_demo_mar_")
-        root = Path(self._tmp.name)
-        with zipfile.ZipFile(mar) as z:
-            z.extractall(root)
-        manifest = json.loads((root / "MAR-INF" / "MANIFEST.json").read_text())["model"]
-        config = yaml.safe_load((root / manifest["configFile"]).read_text()) if manifest.get("configFile") else {}
-        self.cfg = HandlerConfig.from_yaml((config or {}).get("handler"))
-        self.name, self.version = manifest["modelName"], str(manifest.get("modelVersion", "1.0"))
-        self.names = read_label_map(root / LABEL_FILE)
-        self.device = torch.device("cpu")
-        sys.path.insert(0, str(root))
-        try:
-            self.model = load_detector(root, manifest.get("serializedFile"), manifest.get("modelFile"),
-                                       self.cfg, len(self.names), self.device)
-        finally:
-            sys.path.remove(str(root))
-
-    def predict(self, data: bytes, threshold: float = 0.0, response_format: str = "detailed") -> Any:
-        """The payload for one encoded image (detailed by default), computed like the served path."""
-        from .imaging import decode_image
-        from .serving import Request, format_output, run_detector
-
-        req = Request(decode_image(data, self.cfg.max_image_pixels), threshold, response_format,
-                      self.cfg.mask_threshold)
-        out = run_detector(self.model, [req.image], self.device)[0]
-        return format_output(out, req, self.names, self.name, self.version, self.cfg.keypoint_names)
 
 
 def to_rows(payloads: dict[int, Any], coco: dict) -> list[dict]:
@@ -338,7 +300,9 @@ def evaluate(dataset: str | Path, split: str = "test", *, model: str = "shapes",
     if offline:
         archive = Path(offline)
         with contextlib.redirect_stdout(io.StringIO()):
-            local = ArchiveModel(archive)
+            from serve_demo.core.worker import Detector
+
+            local = Detector.from_archive(archive)
         name, version = local.name, local.version
     else:
         name = model
@@ -358,7 +322,7 @@ def evaluate(dataset: str | Path, split: str = "test", *, model: str = "shapes",
 
         payloads, failures = {}, {}
         for im in tqdm(coco["images"], desc=f"predict {name} {version} offline", file=sys.stderr, unit="img"):
-            payloads[im["id"]] = local.predict((folder / im["file_name"]).read_bytes())
+            payloads[im["id"]] = local.predict((folder / im["file_name"]).read_bytes(), threshold=0.0)
     else:
         payloads, failures = served_predictions(folder, coco, model, url, version, concurrency, token=token)
         first = next(iter(payloads.values()), {})

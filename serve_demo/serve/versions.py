@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serve_demo.core import defaults
+
 from .management import Management, ManagementError
 
 log = logging.getLogger(__name__)
@@ -158,7 +160,7 @@ class Registry:
 
 
 def start_from_registry(ts, timeout: float = 180) -> dict[str, list[dict]]:
-    """Start ``ts`` (a :class:`~serve_demo.server.TorchServe`) with the recorded versions and defaults."""
+    """Start ``ts`` (a :class:`~serve_demo.serve.torchserve.TorchServe`) with the recorded versions and defaults."""
     registry = Registry.load(ts.model_store)
     for w in registry.sync(ts.model_store):
         log.warning(w)
@@ -342,7 +344,7 @@ def gate_drops(default: dict, candidate: dict, tolerance: float) -> dict[str, fl
 
 
 def _evaluate_versions(args: argparse.Namespace, mgmt: Management, versions: list[str]) -> list[dict]:
-    from .evaluate import evaluate, inference_token
+    from serve_demo.evaluate.evaluator import evaluate, inference_token
 
     return [evaluate(args.dataset, args.split, model=args.model, version=v, url=args.url, management=mgmt,
                      store=Path(args.model_store), concurrency=args.concurrency, threshold=args.threshold,
@@ -409,7 +411,7 @@ def main_rollback(args: argparse.Namespace) -> int:
 
 
 def main_compare(args: argparse.Namespace) -> int:
-    from .plots import plot_compare
+    from serve_demo.evaluate.plots import plot_compare
 
     mgmt = _mgmt(args)
     try:
@@ -439,12 +441,38 @@ def add_common(p: argparse.ArgumentParser, version: bool = True, connection: boo
         return
     p.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL)
     p.add_argument("--token", default=None, help="management token (default: HOME/key_file.json if present)")
-    p.add_argument("--home", default="build/server", help="the server's state folder")
-    p.add_argument("--model-store", default="model-store")
+    p.add_argument("--home", default=defaults.HOME, help="the server's state folder")
+    p.add_argument("--model-store", default=defaults.MODEL_STORE)
+
+
+def add_versions_arguments(p: argparse.ArgumentParser) -> None:
+    """``versions`` and ``rollback``: a model and the server to ask."""
+    add_common(p, version=False)
+
+
+def add_register_arguments(p: argparse.ArgumentParser) -> None:
+    add_common(p)
+    p.add_argument("--workers", type=int, default=1, help="initial workers")
+
+
+def add_promote_arguments(p: argparse.ArgumentParser) -> None:
+    add_common(p, connection=False)
+    add_gate_arguments(p)
+    p.add_argument("--tolerance", type=float, default=defaults.GATE_TOLERANCE,
+                   help=f"largest mAP@[.5:.95] drop accepted (default {defaults.GATE_TOLERANCE})")
+    p.add_argument("--force", action="store_true", help="promote even if the gate refuses")
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True)
+    p.add_argument("--a", required=True, help="first version (the baseline)")
+    p.add_argument("--b", required=True, help="second version")
+    p.add_argument("--out", default=None, help="output folder (default reports/compare-MODEL-A-vs-B)")
+    add_gate_arguments(p)
 
 
 def add_gate_arguments(p: argparse.ArgumentParser) -> None:
-    from .evaluate import add_dataset_arguments
+    from serve_demo.evaluate.evaluator import add_dataset_arguments
 
     add_dataset_arguments(p)
     p.add_argument("--fresh", action="store_true", help="evaluate again even if a matching report exists")

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .draw import draw_detections
-from .schema import Detection
+from serve_demo.core.draw import draw_detections
+from serve_demo.core.schema import Detection
 
 
 def _pyplot():

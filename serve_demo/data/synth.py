@@ -190,7 +190,7 @@ def render_image(rng: np.random.Generator, cfg: SynthConfig,
 
 def mask_annotation(mask: np.ndarray) -> dict | None:
     """COCO ``segmentation`` (compressed RLE), ``bbox`` and ``area`` of a visible mask."""
-    from .masks import encode
+    from serve_demo.core.masks import encode
 
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
@@ -256,3 +256,22 @@ def generate(out: Path, seed: int = 0, train: int = 3000, valid: int = 200, test
         generate_split(out, split, count, seed, cfg, progress, masks)
     stamp.write_text(json.dumps(spec))
     return out
+
+
+def add_arguments(p) -> None:
+    """``serve_demo data``: where, which seed, how many images per split."""
+    p.add_argument("--out", default="data/shapes", help="dataset root (train/ valid/ test/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=int, default=3000, help="training images")
+    p.add_argument("--valid", type=int, default=200, help="validation images")
+    p.add_argument("--test", type=int, default=300, help="test images")
+    p.add_argument("--masks", action="store_true",
+                   help="add instance masks (COCO RLE segmentation; same images as without)")
+
+
+def main(args) -> int:
+    """Generate the dataset (splits already complete are kept)."""
+    generate(Path(args.out), seed=args.seed, train=args.train, valid=args.valid, test=args.test,
+             masks=args.masks)
+    print(f"dataset ready in {args.out}")
+    return 0

@@ -1,0 +1,348 @@
+"""Check a (weights, architecture or model file, label map) combination, then archive it.
+
+The check loads the model exactly as the TorchServe worker will (same code, same files, from a
+staging folder) and runs it once, so a wrong combination fails here, naming the mismatch,
+instead of at serve time. ``torch-model-archiver`` runs with a private ``TMPDIR``: it deletes
+``$TMPDIR/<model-name>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import yaml
+
+from serve_demo.core import defaults
+from serve_demo.core.config import LABEL_FILE, HandlerConfig
+from serve_demo.core.loader import duplicate_labels, load_detector, read_label_map
+from serve_demo.core.models import DEMO_ARCH, available_archs, fit_state_dict, load_state_dict_file, task_of
+from serve_demo.core.pipeline import keypoint_names_for
+
+log = logging.getLogger(__name__)
+
+PACKAGE = Path(__file__).resolve().parent.parent  # serve_demo/
+CORE = "core"  # the worker core: the archive carries this folder, so it runs on any TorchServe
+HANDLER = Path(__file__).resolve().parent.parent.parent / "handlers" / "detector_handler.py"
+
+VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class ArchiveError(RuntimeError):
+    """The inputs do not make a servable archive; the message names what to fix."""
+
+
+@dataclass
+class ArchiveSpec:
+    """What to archive and how it serves: the library API of ``serve_demo archive``.
+
+    The command line (:func:`add_arguments`) is built from these fields' defaults, so both agree.
+    """
+
+    name: str
+    weights: str  # state_dict file (.pt/.pth), a training checkpoint or a PyTorch Lightning .ckpt
+    labels: str  # label map JSON {"0": "__background__", ...}
+    version: str = defaults.VERSION
+    arch: str | None = None  # architecture name; None: DEMO_ARCH unless model_file is given
+    model_file: str | None = None  # a .py defining one detector class with a no-argument constructor
+    handler: str = str(HANDLER)
+    threshold: float = defaults.THRESHOLD
+    response_format: str = defaults.RESPONSE_FORMAT
+    batch_size: int = 1
+    max_batch_delay: int = 20  # ms
+    workers: int = 1
+    threads: int = 0  # torch threads per worker; 0: cores / workers
+    mask_threshold: float = defaults.MASK_THRESHOLD
+    keypoint_names: str | None = None  # path of a JSON list of names
+    model_kwargs: dict = field(default_factory=dict)
+    weights_prefix: str | None = None  # key prefix to strip from the checkpoint (None: found by matching)
+    keep_duplicate_labels: bool = False
+    fp16: bool = False
+    gpu_decode: bool = False
+    channels_last: bool = False
+    pin_memory: bool = False
+    export_path: str = defaults.MODEL_STORE
+    build_dir: str = "build/archive"
+    no_check: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ArchiveSpec:
+        """The spec of a parsed command line (``--model-kwargs`` JSON decoded)."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls)}
+        values["model_kwargs"] = parse_model_kwargs(args.model_kwargs)
+        return cls(**values)
+
+
+_D = ArchiveSpec("", "", "")  # the defaults, for the command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Archive options (``python -m serve_demo archive``, ``make archive``)."""
+    p.add_argument("--name", required=True, help="model name (URL path /predictions/NAME)")
+    p.add_argument("--version", default=_D.version,
+                   help="model version (letters, digits, . _ -); the archive is model-store/NAME-VERSION.mar")
+    p.add_argument("--weights", required=True,
+                   help="state_dict file (.pt/.pth), a checkpoint holding one under 'model' or 'state_dict', "
+                        "or a PyTorch Lightning .ckpt (the module's attribute prefix is found and stripped)")
+    p.add_argument("--weights-prefix", default=_D.weights_prefix, metavar="PREFIX",
+                   help="strip this key prefix (e.g. 'model.') instead of finding it")
+    p.add_argument("--labels", required=True, help="label map JSON {\"0\": \"__background__\", ...}")
+    p.add_argument("--keep-duplicate-labels", action="store_true",
+                   help="archive a label map in which two ids share a name (refused by default)")
+    p.add_argument("--arch", default=_D.arch, choices=available_archs(),
+                   help=f"architecture name (default {DEMO_ARCH} unless --model-file is given)")
+    p.add_argument("--model-file", default=_D.model_file,
+                   help="a .py defining one detector class with a no-argument constructor")
+    p.add_argument("--handler", default=_D.handler)
+    p.add_argument("--threshold", type=float, default=_D.threshold, help="default score threshold")
+    p.add_argument("--response-format", default=_D.response_format, choices=defaults.FORMATS)
+    p.add_argument("--batch-size", type=int, default=_D.batch_size, help="TorchServe batchSize")
+    p.add_argument("--max-batch-delay", type=int, default=_D.max_batch_delay, help="TorchServe maxBatchDelay (ms)")
+    p.add_argument("--workers", type=int, default=_D.workers, help="workers for this model")
+    p.add_argument("--threads", type=int, default=_D.threads, help="torch threads per worker (0: cores / workers)")
+    p.add_argument("--mask-threshold", type=float, default=_D.mask_threshold,
+                   help=f"mask models: pixel probability kept in the RLE mask (default {_D.mask_threshold})")
+    p.add_argument("--keypoint-names", default=_D.keypoint_names, metavar="JSON",
+                   help="keypoint models: a JSON list of names (default: LABELS with .keypoints.json "
+                        "if it exists, else COCO's 17 names)")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help="extra builder arguments, e.g. '{\"min_size\": 512, \"box_score_thresh\": 0.01}'")
+    gpu = p.add_argument_group("GPU options (CUDA workers only; off by default, check them with "
+                               "scripts/verify_gpu.py and scripts/bench_gpu.py on your GPU)")
+    gpu.add_argument("--fp16", action="store_true", help="float16 autocast for the forward pass")
+    gpu.add_argument("--gpu-decode", action="store_true", help="decode plain JPEGs with nvjpeg on the GPU")
+    gpu.add_argument("--channels-last", action="store_true", help="NHWC convolution weights")
+    gpu.add_argument("--pin-memory", action="store_true", help="page-locked host copies before the upload")
+    p.add_argument("--export-path", default=_D.export_path)
+    p.add_argument("--build-dir", default=_D.build_dir)
+    p.add_argument("--no-check", action="store_true", help="skip loading and running the model")
+
+
+def parse_model_kwargs(raw: str | None) -> dict:
+    """``--model-kwargs`` JSON as a dict."""
+    if not raw:
+        return {}
+    try:
+        kwargs = json.loads(raw)
+    except ValueError as exc:
+        raise ArchiveError(f"--model-kwargs must be a JSON object: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise ArchiveError("--model-kwargs must be a JSON object such as '{\"min_size\": 512}'")
+    return kwargs
+
+
+def model_config(spec: ArchiveSpec, arch: str | None) -> dict:
+    """The archive's ``model-config.yaml``: TorchServe keys plus the handler's section."""
+    threads = spec.threads or max(1, (os.cpu_count() or 1) // max(1, spec.workers))
+    handler = {"threshold": spec.threshold, "response_format": spec.response_format,
+               "threads": threads}
+    if arch:
+        handler["arch"] = arch
+    if task_of(arch) == "masks":
+        handler["mask_threshold"] = spec.mask_threshold
+    names = keypoint_names_arg(spec) if task_of(arch) == "keypoints" else None
+    if names:
+        handler["keypoint_names"] = names
+    if spec.model_kwargs:
+        handler["model_kwargs"] = dict(spec.model_kwargs)
+    for option in ("fp16", "gpu_decode", "channels_last", "pin_memory"):
+        if getattr(spec, option):
+            handler[option] = True
+    HandlerConfig.from_yaml(handler)  # same validation as the worker
+    return {"minWorkers": spec.workers, "maxWorkers": spec.workers, "batchSize": spec.batch_size,
+            "maxBatchDelay": spec.max_batch_delay, "responseTimeout": 120, "handler": handler}
+
+
+def keypoint_names_arg(spec: ArchiveSpec) -> list[str] | None:
+    """``--keypoint-names`` (or ``LABELS`` beside it as ``.keypoints.json``), validated."""
+    path = spec.keypoint_names
+    if path is None:
+        guess = Path(spec.labels).with_suffix(".keypoints.json")
+        path = str(guess) if guess.is_file() else None
+    if path is None:
+        return None
+    try:
+        names = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ArchiveError(f"--keypoint-names {path}: {exc}") from None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ArchiveError(f"--keypoint-names {path} must hold a JSON list of names")
+    return names
+
+
+@contextlib.contextmanager
+def _importable(stage: Path, model_file: Path | None) -> Iterator[None]:
+    """``stage`` (the archive's folder) and the model file's folder importable, as in a worker."""
+    paths = [str(stage)] + ([str(model_file.parent)] if model_file else [])
+    sys.path[:0] = paths
+    try:
+        yield
+    finally:
+        for p in paths:
+            sys.path.remove(p)
+        if model_file:
+            sys.modules.pop(model_file.stem, None)
+
+
+def bare_model(stage: Path, model_file: Path | None, cfg: HandlerConfig, labels: dict[int, str]) -> torch.nn.Module:
+    """The architecture without weights, to match the weights file's keys against."""
+    try:
+        with _importable(stage, model_file):
+            return load_detector(stage, None, str(model_file) if model_file else None, cfg, len(labels),
+                                 torch.device("cpu"))
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError, TypeError) as exc:
+        raise ArchiveError(f"{exc} (the label map names {len(labels)} classes, background included)") from None
+
+
+def check_model(stage: Path, weights: Path, model_file: Path | None, cfg: HandlerConfig,
+                labels: dict[int, str]) -> float:
+    """Load and run the model as a worker would (importing from ``stage``); return seconds."""
+    keys = sorted(labels)
+    if keys != list(range(len(keys))):
+        raise ArchiveError(f"label map ids must be 0..{len(keys) - 1} without gaps, got {keys}")
+    try:
+        with _importable(stage, model_file):
+            model = load_detector(stage, str(weights), str(model_file) if model_file else None, cfg,
+                                  len(labels), torch.device("cpu"))
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = model([torch.rand(3, 240, 320)])
+            elapsed = time.perf_counter() - t0
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError, TypeError) as exc:
+        raise ArchiveError(f"{exc} (the label map names {len(labels)} classes, background included)") from None
+    if not (isinstance(out, list) and len(out) == 1 and isinstance(out[0], dict)
+            and {"boxes", "labels", "scores"} <= set(out[0])):
+        raise ArchiveError("the model must return [{'boxes', 'labels', 'scores'}] per image in eval "
+                           f"mode (torchvision's detection contract); got {type(out).__name__}")
+    if "keypoints" in out[0]:
+        try:
+            keypoint_names_for(int(out[0]["keypoints"].shape[1]), cfg.keypoint_names)
+        except ValueError as exc:
+            raise ArchiveError(str(exc)) from None
+    return elapsed
+
+
+def stage_extra_files(stage: Path, labels: Path) -> None:
+    """The archive's extra files: the worker core package (as a folder) and the label map."""
+    (stage / "serve_demo").mkdir(parents=True)
+    shutil.copy2(PACKAGE / "__init__.py", stage / "serve_demo" / "__init__.py")
+    shutil.copytree(PACKAGE / CORE, stage / "serve_demo" / CORE,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(labels, stage / LABEL_FILE)
+
+
+def prepare_weights(spec: ArchiveSpec, model: torch.nn.Module | None, out: Path) -> Path:
+    """The weights to archive: the file itself when it is a plain state_dict that fits, else a
+    clean ``state_dict`` written to ``out`` (a Lightning ``.ckpt``, a checkpoint, a prefix stripped).
+    """
+    path = Path(spec.weights)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = load_state_dict_file(str(path), raw=raw)
+        if model is None:
+            return path
+        fitted, prefix = fit_state_dict(model.state_dict().keys(), state, spec.weights_prefix)
+    except ValueError as exc:
+        raise ArchiveError(f"{path}: {exc}") from None
+    plain = isinstance(raw, dict) and all(isinstance(v, torch.Tensor) for v in raw.values())
+    if plain and not prefix:
+        return path
+    log.info("%s: %s; archiving the state_dict alone", path.name,
+             f"stripped the key prefix {prefix!r}" if prefix else "a checkpoint")
+    torch.save(fitted, out)
+    return out
+
+
+def archive_filename(name: str, version: str) -> str:
+    """``NAME-VERSION.mar``: versions of one model sit side by side in the model store."""
+    for what, value in (("model name", name), ("version", version)):
+        if not VALID_ID.fullmatch(value):
+            raise ArchiveError(f"{what} {value!r} must be letters, digits, '.', '_' or '-' "
+                               "(it becomes part of the URL /predictions/NAME/VERSION)")
+    if "-" in name:
+        raise ArchiveError(f"model name {name!r} must not contain '-' (NAME-VERSION.mar is split at it); "
+                           "use '_' instead")
+    return f"{name}-{version}.mar"
+
+
+def build(spec: ArchiveSpec) -> Path:
+    """Stage, check and archive; return the ``.mar`` path (``EXPORT/NAME-VERSION.mar``)."""
+    filename = archive_filename(spec.name, str(spec.version))
+    weights, labels_path = Path(spec.weights), Path(spec.labels)
+    for what, path in (("weights", weights), ("label map", labels_path), ("handler", Path(spec.handler))):
+        if not path.is_file():
+            raise ArchiveError(f"{what} file {path} not found")
+    if spec.model_file and not Path(spec.model_file).is_file():
+        raise ArchiveError(f"model file {spec.model_file} not found")
+    if spec.model_file and spec.arch:
+        raise ArchiveError("give --arch or --model-file, not both")
+    arch = None if spec.model_file else (spec.arch or DEMO_ARCH)
+    try:
+        labels = read_label_map(labels_path)
+    except ValueError as exc:
+        raise ArchiveError(str(exc)) from None
+    repeated = duplicate_labels(labels)
+    if repeated and not spec.keep_duplicate_labels:
+        named = "; ".join(f"{name!r} is ids {', '.join(map(str, ids))}" for name, ids in repeated.items())
+        raise ArchiveError(f"label map {labels_path} repeats names ({named}): answers could not tell those "
+                           "classes apart and evaluation would merge them. Rename them, or archive as is "
+                           "with --keep-duplicate-labels (make archive KEEP_DUPLICATE_LABELS=1)")
+
+    build_dir = Path(spec.build_dir).resolve() / spec.name
+    stage, tmp = build_dir / "extra", build_dir / "tmp"
+    shutil.rmtree(build_dir, ignore_errors=True)
+    stage_extra_files(stage, labels_path)
+    tmp.mkdir()
+    model_file = Path(spec.model_file).resolve() if spec.model_file else PACKAGE / CORE / "models.py"
+    config = model_config(spec, arch)
+    (build_dir / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    cfg = HandlerConfig.from_yaml(config["handler"])
+    weights = prepare_weights(spec, None if spec.no_check else
+                              bare_model(stage, model_file if spec.model_file else None, cfg, labels),
+                              build_dir / f"{weights.stem}.pt").resolve()
+
+    if not spec.no_check:
+        elapsed = check_model(stage, weights, model_file if spec.model_file else None, cfg, labels)
+        log.info("checked: %s loads from %s and answers one 320x240 image in %.0f ms",
+                 arch or model_file.name, weights.name, elapsed * 1000)
+
+    export = Path(spec.export_path).resolve()
+    export.mkdir(parents=True, exist_ok=True)
+    cmd = [shutil.which("torch-model-archiver") or str(Path(sys.executable).parent / "torch-model-archiver"),
+           "--model-name", spec.name, "--version", str(spec.version),
+           "--serialized-file", str(weights), "--model-file", str(model_file.resolve()),
+           "--handler", str(Path(spec.handler).resolve()),
+           "--extra-files", str(stage), "--config-file", str(build_dir / "model-config.yaml"),
+           "--export-path", str(tmp), "--force"]
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    log.debug("running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ArchiveError(f"torch-model-archiver failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    mar = export / filename
+    shutil.move(str(tmp / f"{spec.name}.mar"), str(mar))
+    return mar
+
+
+def main(args: argparse.Namespace) -> int:
+    """CLI entry: 0 on success, 2 with the reason on a bad combination."""
+    try:
+        spec = ArchiveSpec.from_args(args)
+        mar = build(spec)
+    except ArchiveError as exc:
+        print(f"archive: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {mar} ({mar.stat().st_size / 1e6:.1f} MB): model {spec.name} version {spec.version}")
+    return 0

@@ -1,0 +1,60 @@
+"""Every default the project writes once: folders, ports, thresholds, formats.
+
+Read by argparse (``serve_demo``'s commands), by the worker core and, through
+``python3 serve_demo/core/defaults.py --make`` (no third-party imports), by the Makefile.
+Ports can be moved with the environment variables of the same names.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+HOME = "build/server"  # a local server's state: config, temp, logs, key_file.json
+MODEL_STORE = "model-store"
+VERSION = "1.0"
+
+INFERENCE_PORT = 8080  # TorchServe inference API; the KServe server's HTTP port
+MANAGEMENT_PORT = 8081
+METRICS_PORT = 8082
+GRPC_INFERENCE_PORT = 7070  # TorchServe's gRPC inference API; the KServe server's OIP v2 gRPC port
+GRPC_MANAGEMENT_PORT = 7071
+
+SERVERS = ("torchserve", "kserve")
+SERVER = "torchserve"
+
+THRESHOLD = 0.5  # score threshold: a detection is answered when its score is at least this
+MASK_THRESHOLD = 0.5  # mask models: pixel probability kept in the mask
+FORMATS = ("stock", "detailed")
+RESPONSE_FORMAT = "stock"
+MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb limit per image
+MAX_INSTANCES = 64  # images in one KServe v1/v2 request
+GATE_TOLERANCE = 0.005  # largest mAP@[.5:.95] drop a promotion accepts
+
+_PORTS = ("INFERENCE_PORT", "MANAGEMENT_PORT", "METRICS_PORT", "GRPC_INFERENCE_PORT", "GRPC_MANAGEMENT_PORT")
+
+
+def port(name: str) -> int:
+    """A port by its name (``"INFERENCE_PORT"``), from the environment if set there."""
+    if name not in _PORTS:
+        raise KeyError(f"unknown port {name!r}; known: {', '.join(_PORTS)}")
+    raw = os.environ.get(name)
+    if raw is None:
+        return int(globals()[name])
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ValueError(f"{name}={raw!r} is not a port number (1-65535)")
+    return int(raw)
+
+
+def make_variables() -> str:
+    """The defaults as Makefile ``?=`` assignments (``include``d by the Makefile)."""
+    values = {"HOME_DIR": HOME, "MODEL_STORE": MODEL_STORE, "VERSION": VERSION, "SERVER": SERVER,
+              "THRESHOLD": THRESHOLD, "GATE_TOLERANCE": GATE_TOLERANCE,
+              **{name: globals()[name] for name in _PORTS}}
+    return "".join(f"{k} ?= {v}\n" for k, v in values.items())
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--make"]:
+        sys.exit("usage: python3 serve_demo/core/defaults.py --make")
+    sys.stdout.write(make_variables())

@@ -1,0 +1,159 @@
+"""The server-agnostic worker: one loaded archive answering batches of requests.
+
+Every server and tool goes through :class:`Detector`: the TorchServe handler
+(``handlers/detector_handler.py``), the KServe ``ModelServer`` (``serve_demo.serve.kserve_server``),
+the evaluator and the benchmark in-process, and the LitServe peer. So they decode, run and
+answer alike, and a request that is bad on one is bad, with the same code, on the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import schema
+from .config import LABEL_FILE, HandlerConfig
+from .envelopes import Parsed, error_answer, is_enveloped, parse_row, wrap
+from .imaging import RequestError, decode_image
+from .loader import ArchiveFiles, configure_threads, load_detector, open_archive, read_label_map
+from .pipeline import Request, format_output, run_detector
+
+log = logging.getLogger(__name__)
+JSON = "application/json"
+
+
+@dataclass
+class Answer:
+    """One request's answer: HTTP status, error type (``"ok"`` on success) and JSON payload."""
+
+    status: int
+    payload: Any
+    kind: str = "ok"
+    content_type: str = JSON
+
+    @property
+    def body(self) -> bytes:
+        return schema.dumps(self.payload)
+
+
+@dataclass
+class Timing:
+    """Milliseconds spent on the last batch, by stage."""
+
+    decode_ms: float = 0.0
+    model_ms: float = 0.0
+    encode_ms: float = 0.0
+    images: int = 0
+
+
+class Detector:
+    """An archive's detector with its label map and handler config, ready to answer.
+
+    Args:
+        files: the archive on disk (:func:`serve_demo.core.loader.open_archive`).
+        device: where the model runs (``cpu``, ``cuda:N``).
+        threads: torch intra-op threads to set (None: ``handler.threads`` of the archive; 0: leave
+            the process's setting alone).
+    """
+
+    def __init__(self, files: ArchiveFiles, device: torch.device | str = "cpu",
+                 threads: int | None = None) -> None:
+        self.files = files
+        self.device = torch.device(device)
+        self.cfg = HandlerConfig.from_yaml(files.config.get("handler"))
+        configure_threads(self.cfg.threads if threads is None else threads)
+        self.name, self.version = files.name, files.version
+        self.names = read_label_map(files.model_dir / LABEL_FILE)
+        model_dir = str(files.model_dir)
+        added = model_dir not in sys.path
+        if added:  # a user's model file is imported from the archive's folder
+            sys.path.insert(0, model_dir)
+        try:
+            self.model = load_detector(files.model_dir, files.manifest.get("serializedFile"),
+                                       files.manifest.get("modelFile"), self.cfg, len(self.names), self.device)
+        finally:
+            if added:
+                sys.path.remove(model_dir)
+        self.timing = Timing()
+        log.info("%s %s ready on %s: %d classes, threshold %.2f, format %s", self.name, self.version,
+                 self.device, len(self.names) - 1, self.cfg.threshold, self.cfg.response_format)
+
+    @classmethod
+    def from_archive(cls, path: str | Path, device: torch.device | str = "cpu", threads: int = 0) -> Detector:
+        """Load a ``.mar`` file or its unpacked folder (``threads`` 0 leaves torch's setting alone)."""
+        return cls(open_archive(path), device, threads)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, manifest: dict, config: dict | None,
+                       device: torch.device | str = "cpu") -> Detector:
+        """Load from a folder a server already unpacked (TorchServe's ``model_dir``)."""
+        return cls(ArchiveFiles(Path(model_dir), manifest, config or {}), device)
+
+    def parse(self, row: dict, headers: dict) -> Parsed:
+        """Decode one request (any protocol), raising :class:`RequestError` for a client mistake."""
+        return parse_row(row, headers, self.cfg, self.device)
+
+    def answer(self, parsed: list[Parsed]) -> list[Any]:
+        """Run every image of the parsed requests through the model at once; one answer each."""
+        images = [r.image for p in parsed for r in p.requests]
+        if not images:
+            return [None] * len(parsed)
+        t0 = time.perf_counter()
+        outputs = iter(run_detector(self.model, images, self.device, self.cfg.fp16, self.cfg.pin_memory))
+        t1 = time.perf_counter()
+        answers = [wrap(p, [self.format(next(outputs), r) for r in p.requests], self.name, self.version)
+                   for p in parsed]
+        self.timing.model_ms += (t1 - t0) * 1000
+        self.timing.encode_ms += (time.perf_counter() - t1) * 1000
+        self.timing.images += len(images)
+        return answers
+
+    def format(self, output: dict[str, torch.Tensor], req: Request) -> Any:
+        """One model output as the payload ``req`` asked for."""
+        return format_output(output, req, self.names, self.name, self.version, self.cfg.keypoint_names)
+
+    def handle(self, rows: list[dict], headers: list[dict]) -> list[Answer]:
+        """A batch of requests in, one :class:`Answer` per request out (bad ones get their own 4xx).
+
+        Every good image of the batch goes through the model at once; mixed sizes are fine
+        (a list, never stacked).
+        """
+        self.timing = Timing()
+        t0 = time.perf_counter()
+        answers: list[Answer | None] = [None] * len(rows)
+        good, parsed = [], []
+        for i, (row, hdrs) in enumerate(zip(rows, headers)):
+            try:
+                parsed.append(self.parse(row, hdrs))
+                good.append(i)
+            except RequestError as err:
+                answers[i] = Answer(err.code, error_answer(err, is_enveloped(row, hdrs)), err.kind)
+                log.info("request %d refused: %d %s: %s", i, err.code, err.kind, err.message)
+        self.timing.decode_ms = (time.perf_counter() - t0) * 1000
+        if len(rows) > 1:
+            log.info("batch of %d requests (%d refused)", len(rows), len(rows) - len(parsed))
+        for i, payload in zip(good, self.answer(parsed)):
+            answers[i] = Answer(200, payload)
+        return answers  # type: ignore[return-value]
+
+    def predict(self, data: bytes, threshold: float | None = None, response_format: str = "detailed") -> Any:
+        """The payload for one encoded image (detailed by default), computed like the served path.
+
+        Raises:
+            RequestError: the bytes are not an image this server decodes.
+        """
+        req = Request(decode_image(data, self.cfg.max_image_pixels),
+                      self.cfg.threshold if threshold is None else threshold, response_format,
+                      self.cfg.mask_threshold)
+        out = run_detector(self.model, [req.image], self.device)[0]
+        return self.format(out, req)
+
+    def close(self) -> None:
+        """Remove an extracted ``.mar`` copy."""
+        self.files.cleanup()

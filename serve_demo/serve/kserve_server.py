@@ -1,0 +1,270 @@
+"""The same archive on KServe's ``ModelServer``: the maintained second server, same worker core.
+
+    python -m serve_demo.serve.kserve_server --archive model-store/shapes-1.0.mar \\
+        --http_port 8080 --grpc_port 7070
+
+It loads the ``.mar`` (or its unpacked folder) with :class:`serve_demo.core.worker.Detector`, the
+class the TorchServe handler uses, and answers:
+
+* KServe v1 ``POST /v1/models/NAME:predict`` (``{"instances": [...]}``, or an image as the body);
+* Open Inference Protocol v2 over REST (``/v2/health/live|ready``, ``/v2/models/NAME[/ready]``,
+  ``/v2/models/NAME/infer``, binary tensor extension included) and gRPC (``--grpc_port``);
+* TorchServe's ``POST /predictions/NAME[/VERSION]`` (body, multipart ``data``, the same headers and
+  fields), so clients written for TorchServe work unchanged; ``GET /ping``.
+
+Answers, thresholds, formats and error codes are the ones TorchServe gives (same code). Requests
+that arrive together are batched up to the archive's ``batchSize`` within ``maxBatchDelay`` ms,
+mixed image sizes included; the model runs in one thread beside the event loop. No token
+authorization: KServe leaves that to the cluster's gateway (see docs/security.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    row: dict
+    headers: dict
+    future: asyncio.Future
+
+
+def _parameters(params: Any) -> dict:
+    """v2 ``parameters`` as a plain dict (gRPC hands over ``InferParameter`` messages)."""
+    if not params:
+        return {}
+    out = {}
+    for key, value in dict(params).items():
+        if hasattr(value, "WhichOneof"):
+            which = value.WhichOneof("parameter_choice")
+            value = getattr(value, which) if which else None
+        out[key] = value
+    return out
+
+
+def envelope_from_infer_request(request: Any) -> dict:
+    """A KServe ``InferRequest`` (REST v2 or gRPC) as the v2 envelope the worker core reads."""
+    inputs = []
+    for tensor in request.inputs:
+        if tensor.datatype != "BYTES":
+            inputs.append({"name": tensor.name, "datatype": tensor.datatype, "data": []})
+            continue
+        data = [bytes(v) if isinstance(v, (bytes, bytearray, memoryview)) else v
+                for v in tensor.as_numpy().ravel().tolist()]
+        inputs.append({"name": tensor.name, "datatype": "BYTES", "shape": list(tensor.shape), "data": data})
+    envelope: dict = {"inputs": inputs, "parameters": _parameters(request.parameters)}
+    if request.id:
+        envelope["id"] = request.id
+    return envelope
+
+
+def build_model_class():
+    """The ``kserve.Model`` subclass (built lazily: importing kserve parses ``sys.argv``)."""
+    import kserve
+    from kserve.errors import InvalidInput
+    from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+    from serve_demo.core.envelopes import OUTPUT_NAME
+    from serve_demo.core.worker import Detector
+
+    class RequestRefused(InvalidInput):
+        """A client mistake with the HTTP status TorchServe answers (gRPC: INVALID_ARGUMENT)."""
+
+        def __init__(self, status: int, payload: dict) -> None:
+            super().__init__(payload.get("message", "bad request"))
+            self.status, self.payload = status, payload
+
+    class DetectorModel(kserve.Model):
+        """An archive's detector as a KServe model; batches requests like TorchServe's frontend."""
+
+        def __init__(self, archive: Path, device: str = "cpu", threads: int | None = None) -> None:
+            self.archive, self.device, self.threads = archive, device, threads
+            self.detector: Detector | None = None
+            super().__init__(self._name_of(archive))
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detector")
+            self._queue: asyncio.Queue | None = None
+            self.batch_size, self.max_delay = 1, 0.0
+
+        @staticmethod
+        def _name_of(archive: Path) -> str:
+            from serve_demo.core.loader import open_archive
+
+            files = open_archive(archive)
+            try:
+                return files.name
+            finally:
+                files.cleanup()
+
+        def load(self) -> bool:
+            """Load the archive once; ``ready`` turns True (the v2 ready endpoints read it)."""
+            self.detector = Detector.from_archive(self.archive, self.device, self.threads)
+            config = self.detector.files.config
+            self.version = self.detector.version
+            self.batch_size = max(1, int(config.get("batchSize", 1)))
+            self.max_delay = max(0, int(config.get("maxBatchDelay", 0))) / 1000
+            self.ready = True
+            return self.ready
+
+        def get_input_types(self) -> list[dict]:
+            return [{"name": "images", "datatype": "BYTES", "shape": [-1]}]
+
+        def get_output_types(self) -> list[dict]:
+            return [{"name": OUTPUT_NAME, "datatype": "BYTES", "shape": [-1]}]
+
+        async def handle_row(self, row: dict, headers: dict):
+            """One request through the batcher; its :class:`serve_demo.core.worker.Answer`."""
+            if self._queue is None:
+                self._queue = asyncio.Queue()
+                asyncio.get_running_loop().create_task(self._batcher())
+            future = asyncio.get_running_loop().create_future()
+            await self._queue.put(_Pending(row, headers, future))
+            return await future
+
+        async def _batcher(self) -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                batch = [await self._queue.get()]
+                deadline = time.monotonic() + self.max_delay
+                while len(batch) < self.batch_size:
+                    timeout = deadline - time.monotonic()
+                    if timeout <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                    except asyncio.TimeoutError:
+                        break
+                try:
+                    answers = await loop.run_in_executor(
+                        self._pool, self.detector.handle, [p.row for p in batch], [p.headers for p in batch])
+                except Exception as exc:  # the model failed: every request of the batch learns it
+                    log.exception("batch of %d failed", len(batch))
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(exc)
+                    continue
+                for p, answer in zip(batch, answers):
+                    if not p.future.done():
+                        p.future.set_result(answer)
+
+        async def predict(self, payload: Any, headers: dict | None = None) -> Any:
+            """v1 (JSON or an image body) and v2 (REST, gRPC) requests; 4xx as :class:`RequestRefused`."""
+            headers = dict(headers or {})
+            v2 = isinstance(payload, InferRequest)
+            row = {"body": envelope_from_infer_request(payload) if v2 else payload}
+            answer = await self.handle_row(row, headers)
+            if answer.status != 200:
+                raise RequestRefused(answer.status, answer.payload)
+            if not v2:
+                return answer.payload
+            out = answer.payload["outputs"][0]
+            return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
+                                 model_version=self.version, from_grpc=payload.from_grpc,
+                                 # raw output contents, as Triton answers over gRPC (tritonclient's
+                                 # reader of bytes_contents fails under numpy 2)
+                                 use_binary_outputs=payload.from_grpc,
+                                 infer_outputs=[InferOutput(name=out["name"], shape=out["shape"],
+                                                            datatype="BYTES", data=out["data"])])
+
+    return DetectorModel, RequestRefused
+
+
+def add_routes(app, models: dict, refused_cls) -> None:
+    """TorchServe's ``/predictions`` and ``/ping`` beside KServe's routes, and 4xx answers that
+    carry the same JSON body and status as TorchServe's."""
+    from serve_demo.core import schema
+
+    async def refused(request: Request, exc: Exception) -> Response:
+        return JSONResponse(exc.payload, status_code=exc.status)
+
+    app.add_exception_handler(refused_cls, refused)
+
+    async def ping() -> Response:
+        ready = all(m.ready for m in models.values())
+        return JSONResponse({"status": "Healthy" if ready else "Unhealthy"}, status_code=200 if ready else 503)
+
+    def lookup(name: str, version: str | None) -> tuple[Any, Response | None]:
+        model = models.get(name)
+        if model is not None and (version is None or version == model.version):
+            return model, None
+        what = f"{name} version {version}" if version else name
+        message = (f"model {what} is not served here; served: "
+                   f"{', '.join(f'{n} {m.version}' for n, m in models.items())}")
+        return None, JSONResponse({**schema.error_payload(404, "model_not_found", message), "error": message},
+                                  status_code=404)
+
+    async def predictions(request: Request, name: str, version: str | None = None) -> Response:
+        """TorchServe's route: an image as the body or multipart field, or a v1/v2 envelope."""
+        model, missing = lookup(name, version)
+        if missing:
+            return missing
+        headers = dict(request.headers)
+        ctype = headers.get("content-type", "")
+        if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            form = await request.form()
+            row = {k: (await v.read() if hasattr(v, "read") else v) for k, v in form.items()}
+        else:
+            row = {"body": await request.body()}
+        answer = await model.handle_row(row, headers)
+        return Response(answer.body, status_code=answer.status, media_type=answer.content_type)
+
+    async def v2_infer(request: Request, name: str, version: str | None = None) -> Response:
+        """OIP v2 REST inference, read by the worker core (JSON or the binary tensor extension).
+
+        Registered before KServe's own route for the same path: KServe 0.21 turns binary BYTES
+        elements into UTF-8 text before the model sees them, which fails for image files.
+        """
+        model, missing = lookup(name, version)
+        if missing:
+            return missing
+        answer = await model.handle_row({"body": await request.body()}, dict(request.headers))
+        return Response(answer.body, status_code=answer.status, media_type=answer.content_type)
+
+    app.add_api_route("/ping", ping, methods=["GET"])
+    app.add_api_route("/predictions/{name}", predictions, methods=["POST", "PUT"])
+    app.add_api_route("/predictions/{name}/{version}", predictions, methods=["POST", "PUT"])
+    app.add_api_route("/v2/models/{name}/infer", v2_infer, methods=["POST"])
+    app.add_api_route("/v2/models/{name}/versions/{version}/infer", v2_infer, methods=["POST"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archive", action="append", required=True,
+                   help="a .mar or its unpacked folder (repeat for several models)")
+    p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 when CUDA is available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: the archive's handler.threads)")
+    args, _ = p.parse_known_args(argv)  # kserve reads its own flags (--http_port, --grpc_port, ...)
+
+    import torch
+    from kserve import ModelServer
+    from kserve.model_server import app
+
+    device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    model_cls, refused_cls = build_model_class()
+    models = {}
+    for archive in args.archive:
+        model = model_cls(Path(archive), device, args.threads)
+        model.load()
+        models[model.name] = model
+    add_routes(app, models, refused_cls)
+    ModelServer().start(list(models.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
