@@ -9,14 +9,21 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 
+# VERSION, THRESHOLD, GATE_TOLERANCE, SERVER, HOME_DIR, MODEL_STORE and the ports are written once,
+# in serve_demo/core/defaults.py (argparse reads them there); make includes them from it.
+DEFAULTS_MK := build/defaults.mk
+-include $(DEFAULTS_MK)
+$(DEFAULTS_MK): serve_demo/core/defaults.py
+	@mkdir -p $(@D) && $(PYTHON_SYS) serve_demo/core/defaults.py --make > $@
+
 NAME       ?= shapes
-VERSION    ?= 1.0
 # the committed mask model is a maskrcnn_tiny; everything else defaults to the demo's fcos_tiny
 ARCH       ?= $(if $(filter shapes_masks,$(NAME)),maskrcnn_tiny,fcos_tiny)
 WEIGHTS    ?= weights/$(NAME).pt
 LABELS     ?= index_to_name/$(NAME).json
 MODEL_FILE ?=
-THRESHOLD  ?= 0.5
+WEIGHTS_PREFIX ?=
+KEEP_DUPLICATE_LABELS ?=
 FORMAT     ?=
 MASK_THRESHOLD ?=
 MODEL_KWARGS ?=
@@ -28,7 +35,6 @@ DATASET    ?= $(if $(filter shapes_masks,$(NAME)),$(MASK_DATA),$(DATA))
 SPLIT      ?= test
 EPOCHS     ?= 12
 LIMIT      ?=
-GATE_TOLERANCE ?= 0.005
 FORCE      ?=
 A          ?=
 B          ?=
@@ -38,14 +44,17 @@ USERS      ?= 20
 DURATION   ?= 2m
 IMAGE      ?= $(DATA)/test/test_00000.jpg
 DRAW       ?= reports/demo/detections.png
-INFERENCE_PORT  ?= 8080
-MANAGEMENT_PORT ?= 8081
-METRICS_PORT    ?= 8082
-export INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT
+export INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT GRPC_INFERENCE_PORT GRPC_MANAGEMENT_PORT
 
-MAR        := model-store/$(NAME)-$(VERSION).mar
-SERVE_ARGS := --inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT)
+MAR        = $(MODEL_STORE)/$(NAME)-$(VERSION).mar
+SERVE_ARGS := --inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT) \
+	--grpc-ports $(GRPC_INFERENCE_PORT) $(GRPC_MANAGEMENT_PORT) --home $(HOME_DIR) --model-store $(MODEL_STORE)
 ARCH_ARGS  := $(if $(MODEL_FILE),--model-file $(MODEL_FILE),--arch $(ARCH))
+ARCHIVE_ARGS = --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
+	--weights $(WEIGHTS) --labels $(LABELS) --threshold $(THRESHOLD) --batch-size $(BATCH_SIZE) \
+	$(if $(FORMAT),--response-format $(FORMAT)) $(if $(MASK_THRESHOLD),--mask-threshold $(MASK_THRESHOLD)) \
+	$(if $(MODEL_KWARGS),--model-kwargs '$(MODEL_KWARGS)') $(if $(WEIGHTS_PREFIX),--weights-prefix $(WEIGHTS_PREFIX)) \
+	$(if $(KEEP_DUPLICATE_LABELS),--keep-duplicate-labels) --export-path $(MODEL_STORE) $(GPU_OPTIONS)
 URLS       := --url http://127.0.0.1:$(INFERENCE_PORT) --management-url http://127.0.0.1:$(MANAGEMENT_PORT)
 MGMT_URL   := --management-url http://127.0.0.1:$(MANAGEMENT_PORT)
 # VERSION only when given (make evaluate VERSION=2.0); otherwise the server's default version
@@ -55,7 +64,7 @@ EVAL_ARGS  := --dataset $(DATASET) --split $(SPLIT) --threshold $(THRESHOLD) $(i
 NEEDS_DATA := $(if $(filter $(DATA),$(DATASET)),$(DATA)/.synth.json) \
 	$(if $(filter $(MASK_DATA),$(DATASET)),$(MASK_DATA)/.synth.json)
 
-.PHONY: help setup check-env data data-masks pennfudan train train-demo train-masks archive serve stop predict evaluate demo test lint format clean \
+.PHONY: help setup check-env data data-masks pennfudan train train-demo train-masks archive serve stop predict evaluate demo test test-unit lint format clean \
 	register versions promote rollback compare key loadtest soak docker-build docker-run docker-stop bench
 
 help: ## list the targets
@@ -100,20 +109,14 @@ train-masks: data-masks ## retrain the committed mask model from the demo's back
 	$(PY) -m serve_demo train --data $(MASK_DATA) --name shapes_masks --arch maskrcnn_tiny --epochs 3 \
 		--batch-size 8 --lr 2e-3 --seed 0 --eval-every 1 --threads 2 --init-backbone weights/shapes.pt --fp16
 
-$(MAR): $(WEIGHTS) $(LABELS) $(wildcard serve_demo/*.py handlers/*.py) | $(STAMP)
-	$(PY) -m serve_demo archive --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
-		--weights $(WEIGHTS) --labels $(LABELS) --threshold $(THRESHOLD) --batch-size $(BATCH_SIZE) \
-		$(if $(FORMAT),--response-format $(FORMAT)) $(if $(MASK_THRESHOLD),--mask-threshold $(MASK_THRESHOLD)) \
-		$(if $(MODEL_KWARGS),--model-kwargs '$(MODEL_KWARGS)') $(GPU_OPTIONS)
+$(MAR): $(WEIGHTS) $(LABELS) $(wildcard serve_demo/core/*.py handlers/*.py) | $(STAMP)
+	$(PY) -m serve_demo archive $(ARCHIVE_ARGS)
 
-archive: $(STAMP) ## bundle WEIGHTS + LABELS (+ MODEL_FILE) into model-store/NAME-VERSION.mar
-	$(PY) -m serve_demo archive --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
-		--weights $(WEIGHTS) --labels $(LABELS) --threshold $(THRESHOLD) --batch-size $(BATCH_SIZE) \
-		$(if $(FORMAT),--response-format $(FORMAT)) $(if $(MASK_THRESHOLD),--mask-threshold $(MASK_THRESHOLD)) \
-		$(if $(MODEL_KWARGS),--model-kwargs '$(MODEL_KWARGS)') $(GPU_OPTIONS)
+archive: $(STAMP) ## bundle WEIGHTS (state_dict or Lightning .ckpt) + LABELS (+ MODEL_FILE) into model-store/NAME-VERSION.mar
+	$(PY) -m serve_demo archive $(ARCHIVE_ARGS)
 
-serve: $(STAMP) ## start TorchServe on 127.0.0.1 with the recorded versions (model-store/registry.json)
-	$(PY) -m serve_demo serve $(SERVE_ARGS)
+serve: $(STAMP) ## start TorchServe (SERVER=kserve: KServe's ModelServer) on the recorded versions, wait until ready
+	$(PY) -m serve_demo serve --server $(SERVER) $(SERVE_ARGS)
 
 loadtest: $(NEEDS_DATA) | $(STAMP) ## locust, headless: USERS for DURATION against the running server -> reports/loadtest
 	$(PY) scripts/soak.py --users $(USERS) --duration $(DURATION) --model $(NAME) --bad-share 0 \
@@ -140,8 +143,9 @@ bench: $(NEEDS_DATA) | $(STAMP) ## benchmark: in-process limit, our handler (swe
 	$(PY) -m serve_demo bench --dataset $(DATASET) --split $(SPLIT)
 
 key: ## print the running server's inference key (curl ... -H "Authorization: Bearer $$(make -s key)")
-	@$(PY) -c "from serve_demo.serve.management import read_key; import sys; k = read_key('build/server', 'inference'); \
-		print(k) if k else sys.exit('no key: is the server running (make serve) with token authorization on?')"
+	@$(PY) -c "from serve_demo.serve.management import read_key; import sys; k = read_key('$(HOME_DIR)', 'inference'); \
+		print(k) if k else sys.exit('no key: is TorchServe running (make serve) with token authorization on? ' \
+		'(the KServe server has none: see docs/security.md)')"
 
 stop: ## stop TorchServe and wait for the JVM to exit
 	@if [ -x $(PY) ]; then $(PY) -m serve_demo stop $(SERVE_ARGS); fi
@@ -177,8 +181,11 @@ demo: data $(NEEDS_DATA) ## end to end: setup, data, archive the committed model
 		--url http://127.0.0.1:$(INFERENCE_PORT)
 	@echo "annotated picture: $(DRAW); TorchServe keeps running (make stop)"
 
-test: $(STAMP) ## run the test suite (unit, handler, real TorchServe)
+test: $(STAMP) ## run the test suite: unit, integration, real TorchServe and KServe servers
 	$(PY) -m pytest tests -q
+
+test-unit: $(STAMP) ## the pure tests only (no archive, server or training; under a minute)
+	$(PY) -m pytest tests -q -m unit
 
 lint: $(STAMP) ## ruff check (changes nothing)
 	$(PY) -m ruff check serve_demo handlers tests scripts
@@ -188,4 +195,4 @@ format: $(STAMP) ## ruff format + fix imports
 	$(PY) -m ruff format serve_demo handlers tests scripts
 
 clean: stop ## remove built archives, build/ and reports/ (keeps .venv, data, weights)
-	rm -rf build reports model-store/*.mar model-store/registry.json
+	rm -rf build reports $(MODEL_STORE)/*.mar $(MODEL_STORE)/registry.json

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 from pathlib import Path
 
@@ -11,8 +10,9 @@ import pytest
 import requests
 from PIL import Image
 
-from serve_demo.archive.builder import build, namespace
+from serve_demo.archive.builder import ArchiveSpec, build
 from serve_demo.data.synth import SynthConfig, render_image
+from serve_demo.serve.kserve_local import KServeServer
 from serve_demo.serve.torchserve import TorchServe, read_properties
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,9 +33,9 @@ def synth_image(seed: int, size: tuple[int, int] | None = None) -> Image.Image:
     return img.resize(size) if size else img
 
 
-def archive_args(**kw) -> argparse.Namespace:
-    """``serve_demo archive`` options for tests: one thread, the repository's handler."""
-    return namespace(**{"handler": str(ROOT / "handlers" / "detector_handler.py"), "threads": 1, **kw})
+def archive_args(**kw) -> ArchiveSpec:
+    """An archive spec for tests: one thread, the repository's handler."""
+    return ArchiveSpec(**{"handler": str(ROOT / "handlers" / "detector_handler.py"), "threads": 1, **kw})
 
 
 @pytest.fixture(scope="session")
@@ -94,9 +94,38 @@ def server(tmp_path_factory, model_store):
         ts.stop()
 
 
-def workers(ts: TorchServe, model: str = "shapes") -> list[dict]:
-    """The default version's workers of ``model``, from the management API."""
+@pytest.fixture(scope="session")
+def kserve(tmp_path_factory, model_store):
+    """KServe's ModelServer over the same archives (shapes, shapes_b4, fixed) on free loopback ports."""
+    ks = KServeServer.on_free_ports(tmp_path_factory.mktemp("kserve-home"), model_store,
+                                    ["shapes-1.0.mar", "shapes_b4-1.0.mar", "fixed-1.0.mar"])
+    ks.start()
+    try:
+        ks.wait_ready(timeout=180)
+        yield ks
+    finally:
+        ks.stop()
+
+
+@pytest.fixture(params=["torchserve", "kserve"])
+def target(request):
+    """Each server in turn, serving the same archives: the behavioural suite runs against both."""
+    return request.getfixturevalue("server" if request.param == "torchserve" else "kserve")
+
+
+def workers(ts: TorchServe | KServeServer, model: str = "shapes") -> list[dict]:
+    """The default version's workers of ``model`` (TorchServe's management API; the KServe server
+    is one process that holds every model)."""
+    if isinstance(ts, KServeServer):
+        ready = requests.get(f"{ts.url}/v2/models/{model}/ready", timeout=10).status_code == 200
+        return [{"pid": ts.pid(), "status": "READY" if ready else "UNAVAILABLE"}]
     return requests.get(f"{ts.management_url}/models/{model}", headers=ts.auth(), timeout=10).json()[0]["workers"]
+
+
+def worker_log(ts: TorchServe | KServeServer) -> str:
+    """What the workers logged (TorchServe's model_log.log; the KServe server's own log)."""
+    path = ts.log_file if isinstance(ts, KServeServer) else ts.home / "logs" / "model_log.log"
+    return path.read_text(errors="replace")
 
 
 def read_properties_of(ts: TorchServe) -> dict[str, str]:
@@ -104,6 +133,26 @@ def read_properties_of(ts: TorchServe) -> dict[str, str]:
     return read_properties(ts.home / "config.properties")
 
 
-def post(ts: TorchServe, model: str, data: bytes, headers: dict | None = None, **kw) -> requests.Response:
+def post(ts: TorchServe | KServeServer, model: str, data: bytes, headers: dict | None = None,
+         **kw) -> requests.Response:
     headers = {"Content-Type": "application/octet-stream", **ts.auth("inference"), **(headers or {})}
     return requests.post(f"{ts.inference_url}/predictions/{model}", data=data, headers=headers, timeout=120, **kw)
+
+
+# Test layers (make test-unit runs the first): a test's layer follows from what it needs.
+SERVER_FIXTURES = {"server", "kserve", "target", "family_server", "mask_server", "ts", "small_store"}
+INTEGRATION_FIXTURES = {"model_store", "fixed_weights", "pets_mar", "test_split", "model_dir", "handler",
+                        "context", "mask_split", "lightning_ckpt"}
+INTEGRATION_MODULES = {"test_train", "test_archive", "test_docker", "test_gpu_options", "test_families"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        names = set(item.fixturenames)
+        if names & SERVER_FIXTURES or item.get_closest_marker("server"):
+            layer = "server"
+        elif names & INTEGRATION_FIXTURES or item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES:
+            layer = "integration"
+        else:
+            layer = "unit"
+        item.add_marker(layer)

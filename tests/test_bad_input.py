@@ -1,8 +1,9 @@
-"""Malformed and hostile requests against a real TorchServe: each is answered, never with a 5xx.
+"""Malformed and hostile requests against each real server (TorchServe, KServe): each is answered,
+never with a 5xx.
 
 Broken input gets a 4xx whose JSON names the problem; odd but valid images (1x1, 16-bit,
 CMYK, animated, odd EXIF) get a 200. After each request the worker is the same process,
-READY, and answers a good image.
+READY, and answers a good image. Both servers answer every case alike (one worker core).
 """
 
 from __future__ import annotations
@@ -124,9 +125,9 @@ def send(ts, kwargs: dict) -> requests.Response:
 
 
 @pytest.mark.parametrize("name,make,code,kind", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(server, name, make, code, kind):
-    before = [w["pid"] for w in workers(server)]
-    r = send(server, make())
+def test_bad_input(target, name, make, code, kind):
+    before = [w["pid"] for w in workers(target)]
+    r = send(target, make())
     assert r.status_code == code, f"{name}: {r.status_code} {r.text[:300]}"
     assert r.headers.get("content-type", "").startswith("application/json"), r.headers
     body = r.json()
@@ -134,9 +135,9 @@ def test_bad_input(server, name, make, code, kind):
         assert body["code"] == code and body["type"] == kind and len(body["message"]) > 20, body
     else:
         assert isinstance(body, list)
-    assert [w["pid"] for w in workers(server)] == before
-    assert all(w["status"] == "READY" for w in workers(server))
-    good = send(server, {"data": jpeg(), "headers": {"Content-Type": "image/jpeg"}})
+    assert [w["pid"] for w in workers(target)] == before
+    assert all(w["status"] == "READY" for w in workers(target))
+    good = send(target, {"data": jpeg(), "headers": {"Content-Type": "image/jpeg"}})
     assert good.status_code == 200 and isinstance(good.json(), list)
 
 

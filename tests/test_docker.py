@@ -18,7 +18,6 @@ import pytest
 import requests
 import yaml
 
-from serve_demo.archive.builder import WORKER_MODULES
 from serve_demo.serve.torchserve import read_properties
 from tests.conftest import ROOT, encode, make_server, synth_image
 
@@ -88,8 +87,8 @@ def test_config_keys_are_known_to_torchserve():
 
 def test_container_code_runs_on_python_39():
     """The image's Python is 3.9: everything that runs inside it must parse there."""
-    files = [ROOT / "serve_demo" / m for m in WORKER_MODULES] + [ROOT / "handlers" / "detector_handler.py",
-                                                                  DOCKER / "healthcheck.py"]
+    files = sorted((ROOT / "serve_demo" / "core").glob("*.py")) + [ROOT / "handlers" / "detector_handler.py",
+                                                                    DOCKER / "healthcheck.py"]
     for path in files:
         src = path.read_text()
         ast.parse(src, filename=str(path), feature_version=(3, 9))
@@ -178,3 +177,19 @@ def test_compose_publishes_management_on_loopback_only():
     assert {p for p in svc["ports"] if not p.startswith("127.0.0.1:")} == {"8080:8080"}
     devices = svc["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
+
+
+def test_inferenceservice_for_the_kserve_server():
+    """The KServe-server predictor: a valid Pod container that runs our ModelServer on the archive,
+    probed on the OIP v2 health routes that server answers."""
+    import kubernetes_validate
+
+    (isvc,) = load_manifests("inferenceservice-kserve.yaml")
+    pred = isvc["spec"]["predictor"]
+    assert set(pred) <= PREDICTOR_FIELDS, set(pred) - PREDICTOR_FIELDS
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": {"containers": pred["containers"]}}
+    kubernetes_validate.validate(pod, "1.30.0", strict=True)
+    (c,) = pred["containers"]
+    assert c["command"][-1] == "serve_demo.serve.kserve_server" and "--archive" in c["args"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/models/shapes/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"

@@ -1,5 +1,5 @@
-"""KServe v1 and Open Inference Protocol v2 requests: pure parsing, then a real TorchServe
-(its /v1/models/NAME:predict and /v2/models/NAME/infer routes), batches included."""
+"""KServe v1 and Open Inference Protocol v2 requests: pure parsing, then each real server
+(TorchServe's and KServe's /v1/models/NAME:predict and /v2/models/NAME/infer), batches included."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from serve_demo.core.config import HandlerConfig
 from serve_demo.core.envelopes import Parsed, parse_row, wrap
 from serve_demo.core.imaging import RequestError
-from serve_demo.core.pipeline import HandlerConfig
-from tests.conftest import encode, post, synth_image
+from tests.conftest import encode, post, synth_image, worker_log
 
 
 def b64(seed: int, size=(200, 150)) -> str:
@@ -52,16 +52,16 @@ def test_bad_envelopes(body, code, kind, match):
     assert (e.value.code, e.value.kind) == (code, kind)
 
 
-def kserve(ts, path: str, body: dict) -> requests.Response:
+def send_json(ts, path: str, body: dict) -> requests.Response:
     return requests.post(f"{ts.inference_url}/{path}", json=body, headers=ts.auth("inference"), timeout=120)
 
 
-def test_v1_predict_route(server):
+def test_v1_predict_route(target):
     images = [b64(10), b64(11, (320, 240))]
-    r = kserve(server, "v1/models/shapes:predict", {"instances": [{"data": images[0]}, {"data": images[1]}]})
+    r = send_json(target, "v1/models/shapes:predict", {"instances": [{"data": images[0]}, {"data": images[1]}]})
     assert r.status_code == 200, r.text
     preds = r.json()["predictions"]
-    plain = [post(server, "shapes", base64.b64decode(i)).json() for i in images]
+    plain = [post(target, "shapes", base64.b64decode(i)).json() for i in images]
     assert len(preds) == 2
     for got, want in zip(preds, plain):  # two images in one forward pass: same answers up to float noise
         assert [next(iter(d)) for d in got] == [next(iter(d)) for d in want]
@@ -71,11 +71,11 @@ def test_v1_predict_route(server):
             assert g[label] == pytest.approx(w[label], abs=1e-2)
 
 
-def test_v2_infer_route(server):
+def test_v2_infer_route(target):
     images = [b64(12), b64(13, (240, 320)), b64(14, (100, 80))]
     body = {"id": "req-1", "inputs": [{"name": "images", "datatype": "BYTES", "shape": [3], "data": images}],
             "parameters": {"response_format": "detailed", "threshold": 0.3}}
-    r = kserve(server, "v2/models/shapes/infer", body)
+    r = send_json(target, "v2/models/shapes/infer", body)
     assert r.status_code == 200, r.text
     out = r.json()
     assert (out["id"], out["model_name"], out["model_version"]) == ("req-1", "shapes", "1.0")
@@ -84,25 +84,24 @@ def test_v2_infer_route(server):
     assert all(d["score"] >= 0.3 for p in payloads for d in p["detections"])
 
 
-def test_v2_batch_answers_every_request(server):
+def test_v2_batch_answers_every_request(target):
     """Four v2 requests batched together by TorchServe (batch 4): each gets its own full answer."""
     bodies = [{"id": f"r{i}", "inputs": [{"name": "images", "datatype": "BYTES", "shape": [1 + i % 2],
                                           "data": [b64(20 + i + k) for k in range(1 + i % 2)]}]}
               for i in range(4)]
     with ThreadPoolExecutor(4) as pool:
-        rs = list(pool.map(lambda b: kserve(server, "v2/models/shapes_b4/infer", b), bodies))
+        rs = list(pool.map(lambda b: send_json(target, "v2/models/shapes_b4/infer", b), bodies))
     assert [r.status_code for r in rs] == [200] * 4
     assert [r.json()["id"] for r in rs] == ["r0", "r1", "r2", "r3"]
     assert [r.json()["outputs"][0]["shape"] for r in rs] == [[1], [2], [1], [2]]
-    log = (server.home / "logs" / "model_log.log").read_text()
-    assert "batch of 4 requests (0 refused)" in log
+    assert "batch of 4 requests (0 refused)" in worker_log(target)
 
 
-def test_bad_instance_fails_its_request_only(server):
+def test_bad_instance_fails_its_request_only(target):
     good = {"instances": [{"data": b64(30)}]}
     bad = {"instances": [{"data": b64(31)}, {"data": "not base64!"}]}
-    r = kserve(server, "v1/models/shapes:predict", bad)
+    r = send_json(target, "v1/models/shapes:predict", bad)
     assert r.status_code == 400
     body = r.json()
     assert body["type"] == "invalid_base64" and body["error"].startswith("image 1:")
-    assert kserve(server, "v1/models/shapes:predict", good).status_code == 200
+    assert send_json(target, "v1/models/shapes:predict", good).status_code == 200

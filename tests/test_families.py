@@ -50,7 +50,7 @@ def _archive(arch: str, root, store) -> str:
     torch.save(build_model(arch, len(labels), **KWARGS[arch]).state_dict(), weights)
     name = arch.replace("-", "_")
     build(archive_args(name=name, weights=str(weights), labels=str(label_file), arch=arch,
-                       model_kwargs=json.dumps(KWARGS[arch]) if KWARGS[arch] else None,
+                       model_kwargs=KWARGS[arch] or {},
                        export_path=str(store), build_dir=str(root / "build")))
     weights.unlink()  # the archive holds its own copy; keep the disk use to one model at a time
     return f"{name}-1.0.mar"

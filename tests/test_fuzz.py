@@ -12,8 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from serve_demo.core.config import HandlerConfig, parse_threshold
 from serve_demo.core.imaging import RequestError, decode_image
-from serve_demo.core.pipeline import HandlerConfig, parse_request, parse_threshold
+from serve_demo.core.pipeline import parse_request
 from tests.conftest import encode, synth_image
 
 SEEDS = {fmt: encode(synth_image(50, (96, 72)), fmt) for fmt in ("JPEG", "PNG", "GIF", "BMP", "WEBP")}

@@ -13,8 +13,10 @@ import yaml
 from PIL import Image
 
 from serve_demo.archive.builder import build
+from serve_demo.core.config import HandlerConfig
 from serve_demo.core.imaging import RequestError, decode_image, decode_image_on, jpeg_for_gpu
-from serve_demo.core.pipeline import HandlerConfig, load_detector, parse_request, run_detector, upload
+from serve_demo.core.loader import load_detector
+from serve_demo.core.pipeline import parse_request, run_detector, upload
 from serve_demo.core.worker import Detector
 
 from .conftest import DEMO_LABELS, DEMO_WEIGHTS, archive_args, encode, synth_image

@@ -12,9 +12,10 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as coco_mask
 
 from serve_demo.core import masks, schema
+from serve_demo.core.config import HandlerConfig
 from serve_demo.core.draw import draw_detections
 from serve_demo.core.imaging import RequestError
-from serve_demo.core.pipeline import COCO_KEYPOINTS, HandlerConfig, Request, format_output, parse_request
+from serve_demo.core.pipeline import COCO_KEYPOINTS, Request, format_output, parse_request
 from serve_demo.data.coco import CocoDetection, label_map_from_coco, load_coco, segmentation_to_mask
 from serve_demo.data.convert import ConvertError, convert_pennfudan, split_names
 from serve_demo.data.synth import SynthConfig, generate_split, render_image

@@ -19,7 +19,7 @@ from serve_demo.archive.builder import build
 from serve_demo.core import schema
 from serve_demo.core.models import build_model
 from serve_demo.core.worker import Detector
-from tests.conftest import ASSETS, ROOT, archive_args, encode, post, synth_image, workers
+from tests.conftest import ASSETS, ROOT, archive_args, encode, post, synth_image, worker_log, workers
 
 pytestmark = pytest.mark.server
 
@@ -55,37 +55,36 @@ def test_stock_format_with_curl(server, tmp_path):
     assert {next(k for k in d if k != "score") for d in dets} <= names
 
 
-def test_detailed_format_and_header_threshold(server):
+def test_detailed_format_and_header_threshold(target):
     img = synth_image(12, (300, 220))
-    r = post(server, "shapes", encode(img), {"x-response-format": "detailed", "X-THRESHOLD": "0.2"})
+    r = post(target, "shapes", encode(img), {"x-response-format": "detailed", "X-THRESHOLD": "0.2"})
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     payload = r.json()
     schema.validate_detailed(payload)
     assert payload["image_size"] == [300, 220] and payload["model"] == "shapes"
     assert all(d["score"] >= 0.2 for d in payload["detections"])
-    low = post(server, "shapes", encode(img), {"X-Response-Format": "detailed", "X-Threshold": "0.05"}).json()
+    low = post(target, "shapes", encode(img), {"X-Response-Format": "detailed", "X-Threshold": "0.05"}).json()
     assert len(low["detections"]) >= len(payload["detections"])
 
 
-def test_multipart_threshold_field(server):
+def test_multipart_threshold_field(target):
     data = encode(synth_image(13), "PNG")
-    r = requests.post(f"{server.inference_url}/predictions/shapes", files={"data": ("a.png", data, "image/png")},
-                      data={"threshold": "0.9"}, headers=server.auth("inference"), timeout=60)
+    r = requests.post(f"{target.inference_url}/predictions/shapes", files={"data": ("a.png", data, "image/png")},
+                      data={"threshold": "0.9"}, headers=target.auth("inference"), timeout=60)
     assert r.status_code == 200
     assert all(d["score"] >= 0.9 for d in r.json())
 
 
-def test_batch_of_four_sizes_with_one_bad(server):
+def test_batch_of_four_sizes_with_one_bad(target):
     bodies = [encode(synth_image(20 + i, size)) for i, size in
               enumerate([(320, 240), (240, 320), (181, 97), (400, 400)])]
     bodies[2] = b"\xff\xd8\xff\xe0 truncated jpeg"
     with ThreadPoolExecutor(4) as pool:
-        rs = list(pool.map(lambda b: post(server, "shapes_b4", b, {"X-Response-Format": "detailed"}), bodies))
+        rs = list(pool.map(lambda b: post(target, "shapes_b4", b, {"X-Response-Format": "detailed"}), bodies))
     assert [r.status_code for r in rs[:2] + rs[3:]] == [200, 200, 200] and rs[2].status_code in (400, 415)
     assert [rs[i].json()["image_size"] for i in (0, 1, 3)] == [[320, 240], [240, 320], [400, 400]]
     assert rs[2].json()["type"] in ("not_an_image", "corrupt_image")
-    log = (server.home / "logs" / "model_log.log").read_text()
-    assert "batch of 4 requests (1 refused)" in log
+    assert "batch of 4 requests (1 refused)" in worker_log(target)
 
 
 BAD = [
@@ -103,8 +102,8 @@ BAD = [
 
 
 @pytest.mark.parametrize("name,data,headers,code", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_is_4xx_and_worker_survives(server, name, data, headers, code):
-    before = [w["pid"] for w in workers(server, "shapes")]
+def test_bad_input_is_4xx_and_worker_survives(target, name, data, headers, code):
+    before = [w["pid"] for w in workers(target, "shapes")]
     if data is None:
         full = encode(synth_image(30), "PNG")
         data = full[: len(full) // 3]
@@ -112,28 +111,28 @@ def test_bad_input_is_4xx_and_worker_survives(server, name, data, headers, code)
         data = encode(synth_image(31))
     elif data == "bomb":
         data = encode(Image.new("L", (9000, 9000)), "PNG", optimize=True)
-    r = post(server, "shapes", data, headers)
+    r = post(target, "shapes", data, headers)
     assert r.status_code == code, r.text
     body = r.json()
     assert body["code"] == code and body["message"] and body["type"]
-    assert [w["pid"] for w in workers(server, "shapes")] == before
-    assert all(w["status"] == "READY" for w in workers(server, "shapes"))
-    assert post(server, "shapes", encode(synth_image(32))).status_code == 200
+    assert [w["pid"] for w in workers(target, "shapes")] == before
+    assert all(w["status"] == "READY" for w in workers(target, "shapes"))
+    assert post(target, "shapes", encode(synth_image(32))).status_code == 200
 
 
-def test_unknown_label_id_reported_by_number(server):
-    r = post(server, "fixed", encode(synth_image(33, (100, 80))), {"X-Threshold": "0.1"})
+def test_unknown_label_id_reported_by_number(target):
+    r = post(target, "fixed", encode(synth_image(33, (100, 80))), {"X-Threshold": "0.1"})
     assert r.status_code == 200
     assert r.json() == [{"circle": [0.0, 0.0, 50.0, 40.0], "score": 0.9},
                         {"square": [25.0, 20.0, 99.0, 79.0], "score": 0.6},
                         {"7": [1.0, 2.0, 3.0, 4.0], "score": 0.3}]
 
 
-def test_served_equals_in_process(server, model_store):
+def test_served_equals_in_process(target, model_store):
     local = Detector.from_archive(model_store / "shapes-1.0.mar")
     for seed in (40, 41, 42):
         data = encode(synth_image(seed))
-        served = post(server, "shapes", data, {"X-Response-Format": "detailed", "X-Threshold": "0"}).json()
+        served = post(target, "shapes", data, {"X-Response-Format": "detailed", "X-Threshold": "0"}).json()
         mine = local.predict(data, threshold=0.0)
         assert len(served["detections"]) == len(mine["detections"]) > 0
         for a, b in zip(served["detections"], mine["detections"]):

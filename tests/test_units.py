@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from serve_demo.core import schema
+from serve_demo.core.config import HandlerConfig, parse_threshold
 from serve_demo.core.imaging import RequestError, decode_image
 from serve_demo.core.models import build_model, load_weights
-from serve_demo.core.pipeline import HandlerConfig, parse_request, parse_threshold
+from serve_demo.core.pipeline import parse_request
 from serve_demo.data.coco import CocoDetection, label_map_from_coco
 from serve_demo.data.synth import SynthConfig, generate_split
 from serve_demo.evaluate.cocometrics import coco_bbox_metrics, f_beta_curve, image_errors, matches_at_iou, pr_curves

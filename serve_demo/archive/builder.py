@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE = Path(__file__).resolve().parent.parent  # serve_demo/
 CORE = "core"  # the worker core: the archive carries this folder, so it runs on any TorchServe
-HANDLER = Path(__file__).resolve().parent.parent.parent / "handlers" / "detector_handler.py"
+HANDLER = "handlers/detector_handler.py"  # relative to the project folder (make runs there)
 
 VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -57,7 +57,7 @@ class ArchiveSpec:
     version: str = defaults.VERSION
     arch: str | None = None  # architecture name; None: DEMO_ARCH unless model_file is given
     model_file: str | None = None  # a .py defining one detector class with a no-argument constructor
-    handler: str = str(HANDLER)
+    handler: str = HANDLER
     threshold: float = defaults.THRESHOLD
     response_format: str = defaults.RESPONSE_FORMAT
     batch_size: int = 1

@@ -7,10 +7,12 @@ On the same images and weights:
   batch size / max batch delay, with mixed-size and same-size images;
 * **stock**: TorchServe's built-in ``object_detector`` handler on the same weights (same-size
   images; a batch of mixed sizes is shown failing);
+* **kserve**: the same archives on KServe's ``ModelServer`` (``make serve SERVER=kserve``), one
+  process, unbatched and batched;
 * **litserve**: the same model served by LitServe.
 
 Each server gets latency at concurrency 1 (p50/p95/p99) and throughput at concurrency 2, 4 and 8.
-Every request is sent as multipart field ``data`` (a form all three servers read), from Python
+Every request is sent as multipart field ``data`` (a form all four servers read), from Python
 threads on the same machine. Writes ``bench.json``, ``bench.md`` and two plots to ``--out``.
 Ratios are the headline, not absolute times.
 """
@@ -139,7 +141,7 @@ def bench_inprocess(mar: Path, images: list[bytes], threads: int) -> dict[str, A
 def stock_archive(weights: Path, labels: Path, arch: str, store: Path, build: Path, batch: int) -> Path:
     """An archive of the same weights for TorchServe's built-in ``object_detector`` handler."""
     from serve_demo.archive.builder import stage_extra_files
-    from serve_demo.core.pipeline import read_label_map
+    from serve_demo.core.loader import read_label_map
 
     stage = build / "stock-extra"
     shutil.rmtree(stage, ignore_errors=True)
@@ -166,14 +168,12 @@ def stock_archive(weights: Path, labels: Path, arch: str, store: Path, build: Pa
 
 def ours_archive(weights: Path, labels: Path, arch: str, store: Path, build: Path, name: str, workers: int,
                  threads: int, batch: int, delay: int) -> Path:
+    from serve_demo.archive.builder import ArchiveSpec
     from serve_demo.archive.builder import build as build_archive
-    from serve_demo.archive.builder import namespace
 
-    handler = Path(__file__).resolve().parent.parent / "handlers" / "detector_handler.py"
-    return build_archive(namespace(name=name, weights=str(weights), labels=str(labels), arch=arch,
-                                   handler=str(handler), batch_size=batch, max_batch_delay=delay,
-                                   workers=workers, threads=threads, export_path=str(store),
-                                   build_dir=str(build), no_check=True))
+    return build_archive(ArchiveSpec(name=name, weights=str(weights), labels=str(labels), arch=arch,
+                                     batch_size=batch, max_batch_delay=delay, workers=workers, threads=threads,
+                                     export_path=str(store), build_dir=str(build), no_check=True))
 
 
 def start_torchserve(home: Path, store: Path, models: str, metrics_mode: str = "log"):
@@ -202,8 +202,8 @@ def handler_times(home: Path, model: str) -> list[float]:
 @contextlib.contextmanager
 def litserve_server(mar: Path, workers: int, threads: int, port: int):
     """``serve_demo.serve.litserve_app`` running on ``port`` until the block ends (its whole process group)."""
-    proc = subprocess.Popen([sys.executable, "-m", "serve_demo.serve.litserve_app", "--mar", str(mar), "--port", str(port),
-                             "--threads", str(threads), "--workers", str(workers)],
+    proc = subprocess.Popen([sys.executable, "-m", "serve_demo.serve.litserve_app", "--mar", str(mar),
+                             "--port", str(port), "--threads", str(threads), "--workers", str(workers)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 120
@@ -231,6 +231,19 @@ def bench_litserve(mar: Path, workers: int, threads: int, port: int, images: lis
     """The same model served by LitServe with this layout."""
     with litserve_server(mar, workers, threads, port):
         return measure_server(multipart_sender(f"http://127.0.0.1:{port}/predict", {}), images, n_lat, n_load)
+
+
+def bench_kserve(store: Path, home: Path, name: str, images: list[bytes], n_lat: int, n_load: int) -> dict[str, Any]:
+    """The same archive on KServe's ModelServer (TorchServe's /predictions route, multipart)."""
+    from serve_demo.serve.kserve_local import KServeServer
+
+    ks = KServeServer.on_free_ports(home, store, [f"{name}-1.0.mar"])
+    ks.start()
+    try:
+        ks.wait_ready(180)
+        return measure_server(multipart_sender(f"{ks.url}/predictions/{name}", {}), images, n_lat, n_load)
+    finally:
+        ks.stop()
 
 
 def write_outputs(out: Path, result: dict) -> None:
@@ -329,7 +342,8 @@ def main(args: argparse.Namespace) -> int:
 
     result: dict[str, Any] = {"machine": f"{cores} CPU cores, torch threads {cores}", "images": args.images,
                               "date": time.strftime("%Y-%m-%d %H:%M"), "command": "make bench", "rows": []}
-    steps = tqdm(total=len(configs) * 2 + 5, desc="bench", file=sys.stderr)
+    kserve_configs = (0, 2)  # the archives of "ours 1w x 2t b1" and "ours 1w x 2t b4 d10"
+    steps = tqdm(total=len(configs) * 2 + 5 + len(kserve_configs), desc="bench", file=sys.stderr)
     result["limit"] = {"mixed": bench_inprocess(limit_mar, mixed, cores),
                        "same": bench_inprocess(limit_mar, same, cores)}
     steps.update(1)
@@ -367,6 +381,11 @@ def main(args: argparse.Namespace) -> int:
         ts.stop()
     steps.update(1)
 
+    for i in kserve_configs:
+        result["rows"].append({"label": "kserve" + configs[i][0][4:], "images": "mixed",
+                               **bench_kserve(store, work / f"kserve{i}", f"ours{i}", mixed, n_lat, n_load)})
+        steps.update(1)
+
     for label, workers, threads in (("litserve 1 worker x 2t", 1, cores), ("litserve 2 workers x 1t", 2, 1)):
         result["rows"].append({"label": label, "images": "mixed",
                                **bench_litserve(limit_mar, workers, threads, int(args.litserve_port) + workers, mixed,
@@ -391,6 +410,10 @@ def main(args: argparse.Namespace) -> int:
         "ours / stock throughput (same-size images)": round(best(ours_same) / best(stock), 3),
         "ours / LitServe throughput (mixed, best layout of each)": round(best(ours_best) / best(lit), 3),
         "best LitServe layout": lit["label"],
+        "KServe server / TorchServe throughput (same archive, 1w x 2t b1, mixed)":
+            round(best(rows[("kserve 1w x 2t b1", "mixed")]) / best(ours_mixed), 3),
+        "KServe server / TorchServe throughput (same archive, b4 d10, mixed)":
+            round(best(rows[("kserve 1w x 2t b4 d10", "mixed")]) / best(rows[("ours 1w x 2t b4 d10", "mixed")]), 3),
         "ours mixed-size / same-size throughput": round(best(ours_mixed) / best(ours_same), 3),
     }
     write_outputs(out, result)

@@ -29,6 +29,7 @@ FORMATS = ("stock", "detailed")
 RESPONSE_FORMAT = "stock"
 MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb limit per image
 MAX_INSTANCES = 64  # images in one KServe v1/v2 request
+MAX_REQUEST_SIZE = 16 << 20  # bytes of one request body (TorchServe's max_request_size, docker/config.properties)
 GATE_TOLERANCE = 0.005  # largest mAP@[.5:.95] drop a promotion accepts
 
 _PORTS = ("INFERENCE_PORT", "MANAGEMENT_PORT", "METRICS_PORT", "GRPC_INFERENCE_PORT", "GRPC_MANAGEMENT_PORT")

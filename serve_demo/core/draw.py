@@ -76,7 +76,7 @@ def draw_keypoints(draw: ImageDraw.ImageDraw, keypoints: list, color: tuple[int,
 
 def save_drawing(image_path: str | Path, dets: list[Detection], out: str | Path) -> Path:
     """Draw ``dets`` over the (EXIF-upright) image file and save to ``out``."""
-    from serve_demo.data.coco import load_rgb
+    from .imaging import load_rgb
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

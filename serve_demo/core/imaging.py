@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -131,3 +132,9 @@ def decode_image_on(data: bytes | bytearray, device: torch.device, max_pixels: i
             pass
     return decode_image(data, max_pixels)
 
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image file as upright RGB (EXIF orientation applied)."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        return im.convert("RGB")

@@ -194,24 +194,27 @@ def fit_state_dict(model_keys: Iterable[str], state: dict[str, torch.Tensor],
     keys read ``model.backbone...``. ``prefix`` None finds the prefix that covers every model key
     (``""`` when the keys already fit); a given one is used as is.
 
+    When nothing fits, ``state`` comes back as is (:func:`load_weights` then names the mismatch).
+
     Raises:
-        ValueError: no prefix (or not the given one) makes the keys fit, with both sides' first keys.
+        ValueError: the given ``prefix`` does not make the keys fit, with both sides' first keys.
     """
     needed = [k for k in model_keys if not _ignorable(k)]
     if prefix is None:
         candidates = {""} | {key[:-len(k)] for key in state for k in needed[:1] if key.endswith(k)}
     else:
         candidates = {prefix}
-    best, best_cover = None, -1
+    best, best_cover = "", -1
     for p in sorted(candidates, key=len):
         cover = sum(1 for k in needed if p + k in state)
         if cover > best_cover:
             best, best_cover = p, cover
-    if best is None or best_cover < len(needed):
-        what = f"the prefix {prefix!r}" if prefix is not None else "no key prefix"
-        raise ValueError(f"{what} maps the file's keys onto the model's ({best_cover if best_cover > 0 else 0} "
-                         f"of {len(needed)} fit): file keys start {sorted(state)[:3]}, model keys "
-                         f"{needed[:3]}; name the prefix with --weights-prefix (make archive WEIGHTS_PREFIX=...)")
+    if best_cover < len(needed):
+        if prefix is None:  # nothing fits whole: load_weights names the missing and unexpected keys
+            return state, ""
+        raise ValueError(f"the prefix {prefix!r} maps {best_cover} of the model's {len(needed)} keys: file "
+                         f"keys start {sorted(state)[:3]}, model keys {needed[:3]}; fix --weights-prefix "
+                         "(make archive WEIGHTS_PREFIX=...) or leave it out to have it found")
     return {k[len(best):]: v for k, v in state.items() if k.startswith(best)}, best
 
 

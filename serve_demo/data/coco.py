@@ -13,9 +13,11 @@ import logging
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
+
+from serve_demo.core.imaging import load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +62,6 @@ def category_to_label(coco: dict, label_map: dict[str, str]) -> dict[int, int]:
     """COCO category id -> model label, matched by category name."""
     by_name = {name: int(idx) for idx, name in label_map.items() if int(idx) != 0}
     return {c["id"]: by_name[c["name"]] for c in coco["categories"] if c["name"] in by_name}
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image file as upright RGB (EXIF orientation applied)."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")
 
 
 def segmentation_to_mask(segmentation, height: int, width: int) -> torch.Tensor:

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import requests
 
-from serve_demo.core import schema
-from serve_demo.data.coco import load_coco, load_rgb, split_dir
+from serve_demo.core import defaults, schema
+from serve_demo.core.imaging import load_rgb
+from serve_demo.data.coco import load_coco, split_dir
 from serve_demo.serve.client import DEFAULT_URL, PredictionError, predict_bytes
 from serve_demo.serve.management import DEFAULT_MANAGEMENT_URL, Management, ManagementError, read_key
 
@@ -280,9 +281,9 @@ def cached_result(out: Path, expected: dict) -> dict | None:
 
 
 def evaluate(dataset: str | Path, split: str = "test", *, model: str = "shapes", version: str | None = None,
-             url: str = DEFAULT_URL, management: Management | None = None, store: Path = Path("model-store"),
+             url: str = DEFAULT_URL, management: Management | None = None, store: Path = Path(defaults.MODEL_STORE),
              offline: Path | None = None, archive: Path | None = None, concurrency: int = 4,
-             threshold: float = 0.5, limit: int | None = None, out: Path | None = None,
+             threshold: float = defaults.THRESHOLD, limit: int | None = None, out: Path | None = None,
              reuse: bool = False, samples: int = 6, token: str | None = None) -> dict:
     """Evaluate one model version (served, or ``offline`` from an archive) and write its report.
 
@@ -360,10 +361,10 @@ def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None, help="management token (default: HOME/key_file.json if present)")
     p.add_argument("--inference-token", default=os.environ.get("TS_INFERENCE_TOKEN"),
                    help="inference token (default: HOME/key_file.json if present)")
-    p.add_argument("--home", default="build/server", help="the server's state folder (its key_file.json)")
-    p.add_argument("--model-store", default="model-store")
+    p.add_argument("--home", default=defaults.HOME, help="the server's state folder (its key_file.json)")
+    p.add_argument("--model-store", default=defaults.MODEL_STORE)
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-    p.add_argument("--threshold", type=float, default=0.5, help="serving threshold for F2")
+    p.add_argument("--threshold", type=float, default=defaults.THRESHOLD, help="serving threshold for F2")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

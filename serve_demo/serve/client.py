@@ -12,9 +12,10 @@ from typing import Any
 
 import requests
 
+from serve_demo.core import defaults
 from serve_demo.core.schema import parse_detections
 
-DEFAULT_URL = f"http://127.0.0.1:{os.environ.get('INFERENCE_PORT', '8080')}"
+DEFAULT_URL = f"http://127.0.0.1:{defaults.port('INFERENCE_PORT')}"
 
 
 class PredictionError(RuntimeError):
@@ -87,7 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=os.environ.get("TS_INFERENCE_TOKEN"),
                    help="inference token when token authorization is on (env TS_INFERENCE_TOKEN; "
                         "default: the key in HOME/key_file.json)")
-    p.add_argument("--home", default="build/server", help="the local server's folder (its key_file.json)")
+    p.add_argument("--home", default=defaults.HOME, help="the local server's folder (its key_file.json)")
     p.add_argument("--draw", default=None,
                    help="save the image with boxes, masks and keypoints drawn: a file for one image, "
                         "a folder for several")

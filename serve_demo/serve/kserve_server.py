@@ -34,6 +34,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from serve_demo.core import defaults
+
 log = logging.getLogger(__name__)
 
 
@@ -183,7 +185,49 @@ def build_model_class():
     return DetectorModel, RequestRefused
 
 
-def add_routes(app, models: dict, refused_cls) -> None:
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 (TorchServe's ``max_request_size``):
+    refused on its ``Content-Length`` before it is read, or counted as it arrives when chunked."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.limit:
+                return await self._refuse(send, int(length))
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True  # no length given (chunked): read it, up to the limit
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                return await self._refuse(send, size)
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send, size: int) -> None:
+        from serve_demo.core import schema
+
+        body = schema.dumps(schema.error_payload(413, "request_too_large", f"the body is {size} bytes; at most "
+                                                 f"{self.limit} (max_request_size): send a smaller image"))
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def add_routes(app, models: dict, refused_cls, max_request_size: int = 0) -> None:
     """TorchServe's ``/predictions`` and ``/ping`` beside KServe's routes, and 4xx answers that
     carry the same JSON body and status as TorchServe's."""
     from serve_demo.core import schema
@@ -192,6 +236,8 @@ def add_routes(app, models: dict, refused_cls) -> None:
         return JSONResponse(exc.payload, status_code=exc.status)
 
     app.add_exception_handler(refused_cls, refused)
+    if max_request_size:
+        app.add_middleware(BodyLimit, limit=max_request_size)
 
     async def ping() -> Response:
         ready = all(m.ready for m in models.values())
@@ -246,9 +292,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archive", action="append", required=True,
                    help="a .mar or its unpacked folder (repeat for several models)")
     p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 when CUDA is available)")
+    p.add_argument("--max-request-size", type=int, default=defaults.MAX_REQUEST_SIZE,
+                   help=f"largest request body in bytes, HTTP and gRPC (default {defaults.MAX_REQUEST_SIZE}, "
+                        "as TorchServe's max_request_size)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: the archive's handler.threads)")
     args, _ = p.parse_known_args(argv)  # kserve reads its own flags (--http_port, --grpc_port, ...)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not any(a.startswith("--grpc_max_receive_message_length") for a in sys.argv):
+        # kserve reads sys.argv when imported: cap gRPC messages like HTTP bodies
+        sys.argv += ["--grpc_max_receive_message_length", str(args.max_request_size)]
 
     import torch
     from kserve import ModelServer
@@ -261,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         model = model_cls(Path(archive), device, args.threads)
         model.load()
         models[model.name] = model
-    add_routes(app, models, refused_cls)
+    add_routes(app, models, refused_cls, args.max_request_size)
     ModelServer().start(list(models.values()))
     return 0
 

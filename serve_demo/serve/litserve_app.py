@@ -14,6 +14,8 @@ import argparse
 import litserve as ls
 from fastapi import HTTPException
 
+from serve_demo.core import defaults
+
 
 class DetectorAPI(ls.LitAPI):
     """Decode, detect, answer in the stock format (as the TorchServe handler does by default)."""
@@ -51,7 +53,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--threads", type=int, default=2, help="torch threads per worker")
     p.add_argument("--workers", type=int, default=1, help="inference worker processes")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=defaults.THRESHOLD)
     args = p.parse_args()
     server = ls.LitServer(DetectorAPI(args.mar, args.threads, args.threshold), accelerator="cpu",
                           workers_per_device=args.workers, timeout=60)

@@ -14,7 +14,9 @@ from typing import Any
 
 import requests
 
-DEFAULT_MANAGEMENT_URL = f"http://127.0.0.1:{os.environ.get('MANAGEMENT_PORT', '8081')}"
+from serve_demo.core import defaults
+
+DEFAULT_MANAGEMENT_URL = f"http://127.0.0.1:{defaults.port('MANAGEMENT_PORT')}"
 
 
 class ManagementError(RuntimeError):

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import requests
 
+from serve_demo.core import defaults
+
 log = logging.getLogger(__name__)
 
 BASE_CONFIG = Path("docker/config.properties")
@@ -58,11 +60,11 @@ class TorchServe:
 
     home: Path
     model_store: Path
-    inference_port: int = 8080
-    management_port: int = 8081
-    metrics_port: int = 8082
-    grpc_inference_port: int = 7070
-    grpc_management_port: int = 7071
+    inference_port: int = defaults.INFERENCE_PORT
+    management_port: int = defaults.MANAGEMENT_PORT
+    metrics_port: int = defaults.METRICS_PORT
+    grpc_inference_port: int = defaults.GRPC_INFERENCE_PORT
+    grpc_management_port: int = defaults.GRPC_MANAGEMENT_PORT
     host: str = "127.0.0.1"
     models: str = "all"
     base_config: Path = BASE_CONFIG
@@ -220,18 +222,21 @@ class TorchServe:
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--home", default="build/server", help="state folder: config, temp, logs")
-    p.add_argument("--model-store", default="model-store")
-    p.add_argument("--inference-port", type=int, default=int(os.environ.get("INFERENCE_PORT", 8080)))
-    p.add_argument("--management-port", type=int, default=int(os.environ.get("MANAGEMENT_PORT", 8081)))
-    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", 8082)))
+    p.add_argument("--home", default=defaults.HOME, help="state folder: config, temp, logs")
+    p.add_argument("--model-store", default=defaults.MODEL_STORE)
+    p.add_argument("--inference-port", type=int, default=defaults.port("INFERENCE_PORT"),
+                   help="TorchServe's inference API; the KServe server's HTTP port")
+    p.add_argument("--management-port", type=int, default=defaults.port("MANAGEMENT_PORT"))
+    p.add_argument("--metrics-port", type=int, default=defaults.port("METRICS_PORT"))
     p.add_argument("--grpc-ports", type=int, nargs=2, metavar=("INFERENCE", "MANAGEMENT"),
-                   default=[int(os.environ.get("GRPC_INFERENCE_PORT", 7070)),
-                            int(os.environ.get("GRPC_MANAGEMENT_PORT", 7071))])
+                   default=[defaults.port("GRPC_INFERENCE_PORT"), defaults.port("GRPC_MANAGEMENT_PORT")],
+                   help="TorchServe's gRPC ports; the first is the KServe server's OIP v2 gRPC port")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
+    p.add_argument("--server", default=defaults.SERVER, choices=defaults.SERVERS,
+                   help="torchserve (default) or kserve: KServe's ModelServer over the same archives")
     p.add_argument("--timeout", type=float, default=180, help="seconds to wait for READY workers")
 
 
@@ -242,12 +247,59 @@ def from_args(args: argparse.Namespace) -> TorchServe:
                       grpc_management_port=args.grpc_ports[1])
 
 
+def kserve_from_args(args: argparse.Namespace):
+    """The local KServe server of ``make serve SERVER=kserve`` (serving each model's default version)."""
+    from .kserve_local import KServeServer
+
+    return KServeServer(Path(args.home), Path(args.model_store), http_port=args.inference_port,
+                        grpc_port=args.grpc_ports[0])
+
+
+def main_serve_kserve(args: argparse.Namespace) -> int:
+    """``make serve SERVER=kserve``: each model's default archive on KServe's ModelServer."""
+    from .versions import Registry
+
+    ks = kserve_from_args(args)
+    if ks.pid():
+        print(f"the KServe server already runs (pid {ks.pid()}); `make stop` to restart it")
+    else:
+        if from_args(args).pid():
+            print(f"TorchServe runs from {args.home}: `make stop` first (both use port {args.inference_port})",
+                  file=sys.stderr)
+            return 2
+        registry = Registry.load(ks.model_store)
+        for w in registry.sync(ks.model_store):
+            log.warning(w)
+        registry.save()
+        ks.archives = registry.load_plan()[0]
+        if not ks.archives:
+            print(f"no archives in {ks.model_store}: run `make archive` (or `make demo`) first", file=sys.stderr)
+            return 2
+        ks.start()
+    try:
+        status = ks.wait_ready(args.timeout)
+    except (TimeoutError, RuntimeError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"KServe ModelServer ready at {ks.url} (OIP v2 gRPC {ks.grpc_target}, log {ks.log_file}); "
+          f"models: {', '.join(status)}")
+    first = next(iter(status))
+    print(f"try:\n  curl -X POST {ks.url}/predictions/{first} -T IMAGE.jpg\n"
+          f"  curl {ks.url}/v2/models/{first}   (OIP v2 metadata; no token: see docs/security.md)")
+    return 0
+
+
 def main_serve(args: argparse.Namespace) -> int:
     """``make serve``: start, wait for READY workers, print models and a curl line."""
     from .management import Management
     from .versions import VersionError, register_new_models, start_from_registry
 
+    if args.server == "kserve":
+        return main_serve_kserve(args)
     ts = from_args(args)
+    if kserve_from_args(args).pid():
+        print(f"the KServe server runs from {args.home}: `make stop` first", file=sys.stderr)
+        return 2
     try:
         if ts.pid():
             print(f"TorchServe already running (pid {ts.pid()}); `make stop` to restart it")
@@ -265,11 +317,11 @@ def main_serve(args: argparse.Namespace) -> int:
         return 1
     print(f"TorchServe ready at {ts.inference_url} (management {ts.management_url}, "
           f"metrics {ts.metrics_url}, logs {ts.home / 'logs'})")
-    defaults = {name: Management(ts.management_url, home=ts.home).default_version(name) for name in status}
+    default_of = {name: Management(ts.management_url, home=ts.home).default_version(name) for name in status}
     for name, versions in status.items():
         for v in versions:
             workers = ", ".join(w["status"] for w in v["workers"])
-            default = " (default)" if str(v["modelVersion"]) == defaults[name] else ""
+            default = " (default)" if str(v["modelVersion"]) == default_of[name] else ""
             print(f"  {name} {v['modelVersion']}{default}: batch {v['batchSize']}, workers [{workers}]")
     first = next(iter(status))
     key = ts.key("inference")
@@ -282,7 +334,8 @@ def main_serve(args: argparse.Namespace) -> int:
 
 
 def main_stop(args: argparse.Namespace) -> int:
-    """``make stop``."""
-    ts = from_args(args)
-    print("TorchServe stopped" if ts.stop() else "no TorchServe running from " + str(ts.home))
+    """``make stop``: the TorchServe and the KServe server of ``HOME``, whichever runs."""
+    stopped = [name for name, server in (("TorchServe", from_args(args)), ("KServe server", kserve_from_args(args)))
+               if server.stop()]
+    print(f"{' and '.join(stopped)} stopped" if stopped else f"no server running from {args.home}")
     return 0

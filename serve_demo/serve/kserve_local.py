@@ -1,0 +1,162 @@
+"""Start, wait for and stop a local KServe ``ModelServer`` (``serve_demo.serve.kserve_server``).
+
+The twin of :class:`serve_demo.serve.torchserve.TorchServe` for ``make serve SERVER=kserve``
+and the tests: a background process serving archives from the model store, its pid and log
+in ``HOME`` (``kserve.pid``, ``kserve.log``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from serve_demo.core import defaults
+
+from .torchserve import free_ports
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KServeServer:
+    """One local KServe ``ModelServer`` over archives of a model store."""
+
+    home: Path
+    model_store: Path
+    archives: list[str] = field(default_factory=list)  # file names in model_store
+    http_port: int = defaults.INFERENCE_PORT
+    grpc_port: int = defaults.GRPC_INFERENCE_PORT
+    host: str = "127.0.0.1"  # where clients reach it (KServe itself listens on every interface)
+    environment: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home).resolve()
+        self.model_store = Path(self.model_store).resolve()
+
+    @classmethod
+    def on_free_ports(cls, home: Path, model_store: Path, archives: list[str], **kwargs) -> KServeServer:
+        """An instance on two free ports (tests, benchmarks)."""
+        http, grpc = free_ports(2)
+        return cls(home, model_store, archives, http_port=http, grpc_port=grpc, **kwargs)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    inference_url = url  # the name clients of TorchServe use
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def key(self, kind: str = "inference") -> None:
+        """No token authorization on this server (KServe leaves it to the cluster's gateway)."""
+        return None
+
+    def auth(self, kind: str = "inference") -> dict[str, str]:
+        """The headers a request needs: none (see :meth:`key`)."""
+        return {}
+
+    @property
+    def pid_file(self) -> Path:
+        return self.home / "kserve.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / "kserve.log"
+
+    def pid(self) -> int | None:
+        """The server's pid, if it runs."""
+        try:
+            pid = int(self.pid_file.read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "serve_demo.serve.kserve_server"]
+        for archive in self.archives:
+            cmd += ["--archive", str(self.model_store / archive)]
+        return cmd + ["--http_port", str(self.http_port), "--grpc_port", str(self.grpc_port)]
+
+    def start(self) -> None:
+        """Start in the background (returns at once; see :meth:`wait_ready`)."""
+        if self.pid():
+            raise RuntimeError(f"a KServe server of {self.home} is already running (pid {self.pid()}); "
+                               "stop it first (make stop)")
+        if not self.archives:
+            raise ValueError(f"no archives to serve from {self.model_store}: run `make archive` first")
+        self.home.mkdir(parents=True, exist_ok=True)
+        log.info("starting KServe: %s", " ".join(self.command()))
+        out = open(self.log_file, "ab")
+        proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **self.environment}, start_new_session=True)
+        self.pid_file.write_text(str(proc.pid))
+
+    def models_ready(self) -> dict[str, bool]:
+        """``{name: ready}`` from ``GET /v2/models/NAME/ready`` of every served model."""
+        names = requests.get(f"{self.url}/v1/models", timeout=5).json().get("models", [])
+        return {n: requests.get(f"{self.url}/v2/models/{n}/ready", timeout=5).status_code == 200 for n in names}
+
+    def wait_ready(self, timeout: float = 120.0) -> dict[str, bool]:
+        """Poll until the server answers ready for every model.
+
+        Raises:
+            TimeoutError / RuntimeError: with the log tail.
+        """
+        started = time.monotonic()
+        while time.monotonic() < started + timeout:
+            if self.pid() is None:
+                raise RuntimeError(f"the KServe server exited; log tail:\n{self.log_tail()}")
+            try:
+                status = self.models_ready()
+                if status and all(status.values()):
+                    return status
+            except (requests.ConnectionError, requests.Timeout, ValueError):
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"KServe server not ready after {timeout:.0f} s; log tail:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_file.exists():
+            return ""
+        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """SIGTERM (KServe drains in-flight requests), wait; True if one was running."""
+        pid = self.pid()
+        if not pid:
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+                if _is_zombie(pid):
+                    break
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            log.warning("KServe pid %d did not exit in %.0f s; killing it", pid, timeout)
+            os.killpg(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        import psutil
+
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except Exception:  # gone meanwhile
+        return True
