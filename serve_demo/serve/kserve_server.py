@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import struct
 import sys
 import time
 import uuid
@@ -46,17 +47,33 @@ class _Pending:
     future: asyncio.Future
 
 
+def _grpc_parameter(value: Any) -> Any:
+    """One gRPC ``InferParameter`` as a Python value.
+
+    KServe's proto has only ``bool_param``, ``int64_param`` and ``string_param``; the OIP (and
+    tritonclient, for every float) also sends ``double_param`` (field 4) and ``uint64_param``
+    (field 5), which KServe's message keeps as unknown fields: read those here, or a threshold
+    sent as 0.3 would be dropped without a word.
+    """
+    which = value.WhichOneof("parameter_choice")
+    if which:
+        return getattr(value, which)
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    for field in UnknownFieldSet(value):
+        if field.field_number == 4 and field.wire_type == 1:  # double, 64-bit little-endian
+            return struct.unpack("<d", struct.pack("<Q", field.data))[0]
+        if field.field_number == 5 and field.wire_type == 0:  # uint64 varint
+            return int(field.data)
+    return None
+
+
 def _parameters(params: Any) -> dict:
     """v2 ``parameters`` as a plain dict (gRPC hands over ``InferParameter`` messages)."""
     if not params:
         return {}
-    out = {}
-    for key, value in dict(params).items():
-        if hasattr(value, "WhichOneof"):
-            which = value.WhichOneof("parameter_choice")
-            value = getattr(value, which) if which else None
-        out[key] = value
-    return out
+    return {key: _grpc_parameter(value) if hasattr(value, "WhichOneof") else value
+            for key, value in dict(params).items()}
 
 
 def envelope_from_infer_request(request: Any) -> dict:
