@@ -1,5 +1,5 @@
-"""The committed small Mask R-CNN (weights/shapes_masks.pt) served by a real TorchServe:
-segm AP through the endpoint agrees with the in-process evaluation, masks are drawn."""
+"""The committed small Mask R-CNN (weights/shapes_masks.pt) served by each real server (TorchServe,
+KServe): segm AP through the endpoint agrees with the in-process evaluation, masks are drawn."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from serve_demo.archive.builder import build
 from serve_demo.core import masks, schema
 from serve_demo.data.synth import SynthConfig, generate_split
 from serve_demo.evaluate.evaluator import evaluate
+from serve_demo.serve.kserve_local import KServeServer
 from serve_demo.serve.management import Management
+from serve_demo.serve.torchserve import TorchServe
 
 from .conftest import ROOT, archive_args, make_server, post
 
@@ -33,23 +35,34 @@ def mask_split(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mask_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mask-serve")
+def mask_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mask-store")
     store = root / "store"
     build(archive_args(name="shapes_masks", weights=str(WEIGHTS), labels=str(LABELS), arch="maskrcnn_tiny",
                        export_path=str(store), build_dir=str(root / "build")))
-    ts = make_server(root / "home", store)
-    ts.start()
+    return store
+
+
+@pytest.fixture(scope="module", params=["torchserve", "kserve"])
+def mask_server(request, tmp_path_factory, mask_store):
+    home = tmp_path_factory.mktemp(f"mask-{request.param}")
+    if request.param == "torchserve":
+        server = make_server(home, mask_store)
+        ready = lambda: server.wait_ready(timeout=180, expect=["shapes_masks"])  # noqa: E731
+    else:
+        server = KServeServer.on_free_ports(home, mask_store, ["shapes_masks-1.0.mar"])
+        ready = lambda: server.wait_ready(timeout=180)  # noqa: E731
+    server.start()
     try:
-        ts.wait_ready(timeout=180, expect=["shapes_masks"])
-        yield ts, store
+        ready()
+        yield server, mask_store
     finally:
-        ts.stop()
+        server.stop()
 
 
 def test_segm_ap_served_equals_offline(mask_server, mask_split, tmp_path):
     ts, store = mask_server
-    mgmt = Management(ts.management_url, home=ts.home)
+    mgmt = Management(ts.management_url, home=ts.home) if isinstance(ts, TorchServe) else None
     served = evaluate(mask_split, "test", model="shapes_masks", url=ts.inference_url, management=mgmt,
                       store=store, out=tmp_path / "served", samples=2, token=ts.key("inference"))
     offline = evaluate(mask_split, "test", offline=store / "shapes_masks-1.0.mar", out=tmp_path / "offline",
