@@ -85,13 +85,9 @@ def make_server(home: Path, store: Path) -> TorchServe:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, model_store):
     """A real TorchServe on free loopback ports with the shipped config."""
-    ts = make_server(tmp_path_factory.mktemp("ts-home"), model_store)
-    ts.start()
-    try:
-        ts.wait_ready(timeout=180, expect=["shapes", "shapes_b4", "fixed"])
+    with make_server(tmp_path_factory.mktemp("ts-home"), model_store).running(
+            180, expect=["shapes", "shapes_b4", "fixed"]) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.fixture(scope="session")
@@ -99,12 +95,8 @@ def kserve(tmp_path_factory, model_store):
     """KServe's ModelServer over the same archives (shapes, shapes_b4, fixed) on free loopback ports."""
     ks = KServeServer.on_free_ports(tmp_path_factory.mktemp("kserve-home"), model_store,
                                     ["shapes-1.0.mar", "shapes_b4-1.0.mar", "fixed-1.0.mar"])
-    ks.start()
-    try:
-        ks.wait_ready(timeout=180)
+    with ks.running(180):
         yield ks
-    finally:
-        ks.stop()
 
 
 @pytest.fixture(params=["torchserve", "kserve"])

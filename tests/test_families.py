@@ -62,12 +62,8 @@ def family_server(tmp_path_factory):
     store = root / "store"
     _archive(FIRST, root, store)
     ts = make_server(root / "home", store)
-    ts.start()
-    try:
-        ts.wait_ready(timeout=180, expect=[FIRST])
+    with ts.running(180, expect=[FIRST]):
         yield ts, root, store
-    finally:
-        ts.stop()
 
 
 @pytest.mark.parametrize("arch", list(KWARGS))

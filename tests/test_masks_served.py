@@ -47,17 +47,11 @@ def mask_store(tmp_path_factory):
 def mask_server(request, tmp_path_factory, mask_store):
     home = tmp_path_factory.mktemp(f"mask-{request.param}")
     if request.param == "torchserve":
-        server = make_server(home, mask_store)
-        ready = lambda: server.wait_ready(timeout=180, expect=["shapes_masks"])  # noqa: E731
+        running = make_server(home, mask_store).running(180, expect=["shapes_masks"])
     else:
-        server = KServeServer.on_free_ports(home, mask_store, ["shapes_masks-1.0.mar"])
-        ready = lambda: server.wait_ready(timeout=180)  # noqa: E731
-    server.start()
-    try:
-        ready()
+        running = KServeServer.on_free_ports(home, mask_store, ["shapes_masks-1.0.mar"]).running(180)
+    with running as server:
         yield server, mask_store
-    finally:
-        server.stop()
 
 
 def test_segm_ap_served_equals_offline(mask_server, mask_split, tmp_path):

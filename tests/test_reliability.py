@@ -23,13 +23,8 @@ def ts(tmp_path_factory):
     store = tmp_path_factory.mktemp("rel-store")
     build(archive_args(name="shapes", weights=str(DEMO_WEIGHTS), labels=str(DEMO_LABELS), arch="fcos_tiny",
                        export_path=str(store), build_dir=str(tmp_path_factory.mktemp("rel-build"))))
-    server = make_server(tmp_path_factory.mktemp("rel-home"), store)
-    server.start()
-    try:
-        server.wait_ready(timeout=180)
+    with make_server(tmp_path_factory.mktemp("rel-home"), store).running(180) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def worker(ts) -> dict:

@@ -237,13 +237,8 @@ def bench_kserve(store: Path, home: Path, name: str, images: list[bytes], n_lat:
     """The same archive on KServe's ModelServer (TorchServe's /predictions route, multipart)."""
     from serve_demo.serve.kserve_local import KServeServer
 
-    ks = KServeServer.on_free_ports(home, store, [f"{name}-1.0.mar"])
-    ks.start()
-    try:
-        ks.wait_ready(180)
+    with KServeServer.on_free_ports(home, store, [f"{name}-1.0.mar"]).running(180) as ks:
         return measure_server(multipart_sender(f"{ks.url}/predictions/{name}", {}), images, n_lat, n_load)
-    finally:
-        ks.stop()
 
 
 def write_outputs(out: Path, result: dict) -> None:

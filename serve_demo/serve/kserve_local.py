@@ -7,12 +7,14 @@ in ``HOME`` (``kserve.pid``, ``kserve.log``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +127,16 @@ class KServeServer:
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"KServe server not ready after {timeout:.0f} s; log tail:\n{self.log_tail()}")
+
+    @contextlib.contextmanager
+    def running(self, timeout: float = 120.0) -> Iterator[KServeServer]:
+        """Started and ready for the block, stopped after it (tests, benchmarks)."""
+        self.start()
+        try:
+            self.wait_ready(timeout)
+            yield self
+        finally:
+            self.stop()
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_file.exists():

@@ -99,6 +99,7 @@ def build_model_class():
     from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
     from serve_demo.core.envelopes import OUTPUT_NAME
+    from serve_demo.core.loader import open_archive
     from serve_demo.core.worker import Detector
 
     class RequestRefused(InvalidInput):
@@ -112,26 +113,16 @@ def build_model_class():
         """An archive's detector as a KServe model; batches requests like TorchServe's frontend."""
 
         def __init__(self, archive: Path, device: str = "cpu", threads: int | None = None) -> None:
-            self.archive, self.device, self.threads = archive, device, threads
+            self.files, self.device, self.threads = open_archive(archive), device, threads
             self.detector: Detector | None = None
-            super().__init__(self._name_of(archive))
+            super().__init__(self.files.name)
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detector")
             self._queue: asyncio.Queue | None = None
             self.batch_size, self.max_delay = 1, 0.0
 
-        @staticmethod
-        def _name_of(archive: Path) -> str:
-            from serve_demo.core.loader import open_archive
-
-            files = open_archive(archive)
-            try:
-                return files.name
-            finally:
-                files.cleanup()
-
         def load(self) -> bool:
             """Load the archive once; ``ready`` turns True (the v2 ready endpoints read it)."""
-            self.detector = Detector.from_archive(self.archive, self.device, self.threads)
+            self.detector = Detector(self.files, self.device, self.threads)
             config = self.detector.files.config
             self.version = self.detector.version
             self.batch_size = max(1, int(config.get("batchSize", 1)))

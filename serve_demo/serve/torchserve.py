@@ -9,6 +9,7 @@ pid file, logs and metrics live under ``HOME`` (default ``build/server``), so tw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,6 +197,16 @@ class TorchServe:
             time.sleep(0.5)
         raise TimeoutError(f"TorchServe not ready after {timeout:.0f} s; status: {status}\n"
                            f"log tail:\n{self.log_tail()}")
+
+    @contextlib.contextmanager
+    def running(self, timeout: float = 120.0, expect: list[str] | None = None) -> Iterator[TorchServe]:
+        """Started with every worker READY for the block, stopped after it (tests, benchmarks)."""
+        self.start()
+        try:
+            self.wait_ready(timeout, expect)
+            yield self
+        finally:
+            self.stop()
 
     def log_tail(self, lines: int = 30) -> str:
         path = self.home / "logs" / "ts_log.log"
