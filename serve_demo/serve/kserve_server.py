@@ -122,7 +122,9 @@ def build_model_class():
 
         def load(self) -> bool:
             """Load the archive once; ``ready`` turns True (the v2 ready endpoints read it)."""
-            self.detector = Detector(self.files, self.device, self.threads)
+            # built in the thread that will run it: torch's thread settings and OpenMP pool are per
+            # thread, and a model built in one thread and run in another answered 1.7x slower here
+            self.detector = self._pool.submit(Detector, self.files, self.device, self.threads).result()
             config = self.detector.files.config
             self.version = self.detector.version
             self.batch_size = max(1, int(config.get("batchSize", 1)))
