@@ -139,7 +139,7 @@ docker-run: ## run IMAGE_TAG: inference on :8080, management/metrics on the host
 docker-stop: ## stop and remove the serve-demo container
 	-docker rm -f serve-demo
 
-bench: $(NEEDS_DATA) | $(STAMP) ## benchmark: in-process limit, our handler (sweep), stock handler, LitServe -> reports/bench
+bench: $(NEEDS_DATA) | $(STAMP) ## benchmark: in-process limit, our handler (sweep), stock handler, KServe server, LitServe -> reports/bench
 	$(PY) -m serve_demo bench --dataset $(DATASET) --split $(SPLIT)
 
 key: ## print the running server's inference key (curl ... -H "Authorization: Bearer $$(make -s key)")
