@@ -106,3 +106,23 @@ def test_bad_mask_threshold_is_a_400_and_the_worker_stays(mask_server, mask_spli
     assert len(loose["detections"]) == len(tight["detections"]) > 0
     assert all(masks.area(a["mask"]) >= masks.area(b["mask"])
                for a, b in zip(loose["detections"], tight["detections"]))
+
+
+def test_image_answer_paints_the_masks(mask_server, mask_split):
+    """The drawn answer of a mask model (PNG) blends each mask in its label's colour."""
+    import io
+
+    from serve_demo.core.draw import color_for
+
+    ts, _ = mask_server
+    data = (mask_split / "test" / "test_00002.jpg").read_bytes()
+    detailed = post(ts, "shapes_masks", data, {"X-Response-Format": "detailed"}).json()
+    r = post(ts, "shapes_masks", data, {"X-Response-Format": "image", "Accept": "image/png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    drawn = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")).astype(float)
+    plain = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(float)
+    d = detailed["detections"][0]
+    inside = masks.decode(d["mask"]).astype(bool)
+    c = np.array(color_for(d["label"]), float)
+    # every masked pixel moved towards the label colour (alpha 0.45, other masks may overlap)
+    assert np.abs(drawn[inside] - c).mean() < 0.75 * np.abs(plain[inside] - c).mean()

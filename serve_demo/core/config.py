@@ -23,6 +23,7 @@ class HandlerConfig:
     threshold: float = defaults.THRESHOLD
     response_format: str = defaults.RESPONSE_FORMAT
     max_image_pixels: int = defaults.MAX_IMAGE_PIXELS
+    max_response_bytes: int = defaults.MAX_RESPONSE_SIZE  # image answers larger than this get 413
     threads: int = 0  # torch threads per worker; 0 keeps torch's default
     fp16: bool = False  # autocast on CUDA only
     gpu_decode: bool = False  # CUDA only: nvjpeg for plain JPEGs (torchvision.io.decode_jpeg(device=...))
@@ -48,8 +49,9 @@ class HandlerConfig:
             raise ValueError("model-config.yaml handler.keypoint_names must be a list of names")
         if cfg.response_format not in defaults.FORMATS:
             raise ValueError(f"model-config.yaml handler.response_format must be one of {defaults.FORMATS}")
-        if int(cfg.max_image_pixels) < 1 or int(cfg.threads) < 0:
-            raise ValueError("model-config.yaml handler: max_image_pixels must be >= 1 and threads >= 0")
+        if int(cfg.max_image_pixels) < 1 or int(cfg.threads) < 0 or int(cfg.max_response_bytes) < 1:
+            raise ValueError("model-config.yaml handler: max_image_pixels and max_response_bytes must be >= 1 "
+                             "and threads >= 0")
         return cfg
 
 

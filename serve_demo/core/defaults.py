@@ -25,11 +25,13 @@ SERVER = "torchserve"
 
 THRESHOLD = 0.5  # score threshold: a detection is answered when its score is at least this
 MASK_THRESHOLD = 0.5  # mask models: pixel probability kept in the mask
-FORMATS = ("stock", "detailed")
+FORMATS = ("stock", "detailed")  # JSON formats: an archive's default is one of these
+IMAGE_FORMAT = "image"  # per request: the uploaded image with the detections drawn (JPEG, or PNG by Accept)
 RESPONSE_FORMAT = "stock"
 MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb limit per image
 MAX_INSTANCES = 64  # images in one KServe v1/v2 request
 MAX_REQUEST_SIZE = 16 << 20  # bytes of one request body (TorchServe's max_request_size, docker/config.properties)
+MAX_RESPONSE_SIZE = 16 << 20  # bytes of one answer (TorchServe's max_response_size): larger image answers get 413
 GATE_TOLERANCE = 0.005  # largest mAP@[.5:.95] drop a promotion accepts
 
 _PORTS = ("INFERENCE_PORT", "MANAGEMENT_PORT", "METRICS_PORT", "GRPC_INFERENCE_PORT", "GRPC_MANAGEMENT_PORT")

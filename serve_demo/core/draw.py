@@ -25,13 +25,20 @@ def color_for(label: str) -> tuple[int, int, int]:
     return PALETTE[zlib.crc32(label.encode()) % len(PALETTE)]
 
 
-def draw_detections(image: Image.Image, dets: Iterable[Detection], width: int = 2,
+def draw_detections(image: Image.Image, dets: Iterable[Detection], width: int | None = None,
                     color: tuple[int, int, int] | None = None, caption: bool = True) -> Image.Image:
-    """A copy of ``image`` with each detection's box and ``label score`` drawn."""
+    """A copy of ``image`` with each detection's box and ``label score`` drawn (the client's
+    ``--draw`` and the server's image answers: one drawing).
+
+    Line width and caption size follow the image (2 px and 11 pt up to ~500 px); the font is
+    the scalable one Pillow ships, so the drawing is the same on every machine.
+    """
     dets = list(dets)
     out = paint_masks(image.convert("RGB"), dets, color)
     draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default()
+    side = min(out.size)
+    width = width or max(2, round(side / 250))
+    font = ImageFont.load_default(size=max(11, round(side / 40)))
     for d in dets:
         if d.keypoints:
             draw_keypoints(draw, d.keypoints, color or color_for(d.label), radius=max(2, width))

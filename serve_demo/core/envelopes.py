@@ -210,9 +210,10 @@ def parse_row(row: dict, headers: dict, cfg: HandlerConfig, device: torch.device
 
 
 def wrap(parsed: Parsed, payloads: list[Any], model: str, version: str) -> Any:
-    """The answer in the request's own protocol."""
+    """The answer in the request's own protocol (an image answer stays bytes only when plain)."""
     if parsed.protocol == "plain":
         return payloads[0]
+    payloads = [p.as_json() if isinstance(p, schema.ImageAnswer) else p for p in payloads]
     if parsed.protocol == "v1":
         return {"predictions": payloads}
     answer = {"model_name": model, "model_version": version,

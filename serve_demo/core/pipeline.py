@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import logging
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,6 +25,8 @@ from .imaging import RequestError, decode_image_on
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("data", "body", "file", "image")
+REQUEST_FORMATS = (*defaults.FORMATS, defaults.IMAGE_FORMAT)
+IMAGE_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
 CPU = torch.device("cpu")
 COCO_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
                   "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
@@ -69,8 +72,9 @@ class Request:
 
     image: torch.Tensor  # uint8 3xHxW
     threshold: float
-    response_format: str
+    response_format: str  # "stock", "detailed" or "image"
     mask_threshold: float = defaults.MASK_THRESHOLD
+    image_type: str = "jpeg"  # image answers: "jpeg" or "png"
 
 
 def _option(row: dict, headers: dict, header_name: str, field_name: str) -> tuple[Any, str]:
@@ -98,12 +102,24 @@ def parse_request(row: dict, headers: dict, cfg: HandlerConfig,
     fmt, _ = _option(row, headers, "X-Response-Format", "response_format")
     if isinstance(fmt, (bytes, bytearray)):
         fmt = bytes(fmt).decode("utf-8", "replace")
-    fmt = str(fmt or cfg.response_format).strip().lower()
-    if fmt not in defaults.FORMATS:
+    accept = accepted_image_type(header(headers, "Accept"))
+    fmt = str(fmt or (defaults.IMAGE_FORMAT if accept else cfg.response_format)).strip().lower()
+    if fmt not in REQUEST_FORMATS:
         raise RequestError(400, "invalid_response_format",
-                           f"X-Response-Format must be one of {', '.join(defaults.FORMATS)}, got {fmt[:40]!r}")
+                           f"X-Response-Format must be one of {', '.join(REQUEST_FORMATS)}, got {fmt[:40]!r}")
     image = decode_image_on(_image_bytes(row), device or CPU, cfg.max_image_pixels, cfg.gpu_decode)
-    return Request(image, threshold, fmt, mask_threshold)
+    return Request(image, threshold, fmt, mask_threshold, accept or "jpeg")
+
+
+def accepted_image_type(accept: str | None) -> str | None:
+    """``"png"`` or ``"jpeg"`` when the ``Accept`` header names that image type before any JSON type."""
+    for part in (accept or "").lower().split(","):
+        media = part.split(";")[0].strip()
+        if media in ("image/png", "image/jpeg"):
+            return media[len("image/"):]
+        if media in ("application/json", "*/*", "application/*"):
+            return None
+    return None
 
 
 def upload(image: torch.Tensor, device: torch.device, pin_memory: bool = False) -> torch.Tensor:
@@ -142,12 +158,21 @@ def keypoint_names_for(count: int, configured: list | None) -> list[str]:
 
 
 def format_output(output: dict[str, torch.Tensor], req: Request, names: dict[int, str],
-                  model_name: str, version: str, keypoint_names: list | None = None) -> Any:
+                  model_name: str, version: str, keypoint_names: list | None = None,
+                  max_image_bytes: int = defaults.MAX_RESPONSE_SIZE) -> Any:
     """One model output as the payload the request asked for.
 
     The detailed format carries masks (RLE, encoded only for the detections kept) and keypoints
-    when the model predicts them; the stock format is boxes only, as TorchServe's.
+    when the model predicts them; the stock format is boxes only, as TorchServe's; the image
+    format is a :class:`~serve_demo.core.schema.ImageAnswer` drawn from the detailed one.
+
+    Raises:
+        RequestError: 413 when the drawn image is larger than ``max_image_bytes``.
     """
+    if req.response_format == defaults.IMAGE_FORMAT:
+        payload = format_output(output, replace(req, response_format="detailed"), names, model_name, version,
+                                keypoint_names)
+        return render_image(req, payload, max_image_bytes)
     scores = output["scores"].tolist()
     keep = [i for i, s in enumerate(scores) if s >= req.threshold]
     dets = schema.make_detections(output["boxes"][keep].tolist(), [scores[i] for i in keep],
@@ -170,3 +195,28 @@ def format_output(output: dict[str, torch.Tensor], req: Request, names: dict[int
     return schema.detailed_payload(dets, (w, h), model_name, version, kp_names)
 
 
+
+
+def render_image(req: Request, payload: dict, max_bytes: int = defaults.MAX_RESPONSE_SIZE) -> schema.ImageAnswer:
+    """The request's image with the detailed ``payload`` drawn, encoded as it asked.
+
+    Raises:
+        RequestError: 413 ``image_answer_too_large`` past ``max_bytes`` (TorchServe's max_response_size).
+    """
+    from PIL import Image
+
+    from .draw import draw_detections
+
+    pixels = req.image.permute(1, 2, 0).cpu().numpy()
+    drawn = draw_detections(Image.fromarray(pixels), schema.parse_detections(payload))
+    buf = io.BytesIO()
+    if req.image_type == "png":
+        drawn.save(buf, format="PNG", compress_level=1)
+    else:
+        drawn.save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    if len(data) > max_bytes:
+        raise RequestError(413, "image_answer_too_large",
+                           f"the drawn {req.image_type.upper()} is {len(data)} bytes, over the {max_bytes}-byte "
+                           "response limit: ask for JPEG, send a smaller image, or ask for JSON")
+    return schema.ImageAnswer(data, IMAGE_TYPES[req.image_type])

@@ -19,12 +19,18 @@ Two formats answer a prediction (one JSON document per image):
   ``"keypoints": [[x, y, score], ...]`` per detection and ``"keypoint_names": [str, ...]``
   (same order) to the document.
 
+A third answer, per request only (``X-Response-Format: image``, or ``Accept: image/jpeg`` /
+``image/png``): the uploaded image, upright, with the detections drawn (:mod:`serve_demo.core.draw`),
+as ``image/jpeg`` (default) or ``image/png``. Inside a KServe v1/v2 envelope, where the answer is
+JSON, it is ``{"content_type": "image/jpeg", "data": "<base64>"}``.
+
 Boxes are in the pixels of the uploaded image (after EXIF orientation), ``x1, y1`` top-left.
 An error is ``{"code": int, "type": str, "message": str}`` with the same HTTP status as ``code``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import Sequence
@@ -93,6 +99,18 @@ def detailed_payload(dets: list[Detection], image_size: tuple[int, int], model: 
     if keypoint_names is not None:
         payload["keypoint_names"] = list(keypoint_names)
     return payload
+
+
+@dataclass(frozen=True)
+class ImageAnswer:
+    """A drawn image answer: encoded bytes and their media type."""
+
+    data: bytes
+    content_type: str
+
+    def as_json(self) -> dict[str, str]:
+        """The form it takes inside a JSON envelope (KServe v1/v2)."""
+        return {"content_type": self.content_type, "data": base64.b64encode(self.data).decode()}
 
 
 def error_payload(code: int, kind: str, message: str) -> dict[str, Any]:

@@ -30,16 +30,20 @@ JSON = "application/json"
 
 @dataclass
 class Answer:
-    """One request's answer: HTTP status, error type (``"ok"`` on success) and JSON payload."""
+    """One request's answer: HTTP status, error type (``"ok"`` on success) and payload: JSON, or
+    a drawn image (:class:`~serve_demo.core.schema.ImageAnswer`)."""
 
     status: int
     payload: Any
     kind: str = "ok"
-    content_type: str = JSON
+
+    @property
+    def content_type(self) -> str:
+        return self.payload.content_type if isinstance(self.payload, schema.ImageAnswer) else JSON
 
     @property
     def body(self) -> bytes:
-        return schema.dumps(self.payload)
+        return self.payload.data if isinstance(self.payload, schema.ImageAnswer) else schema.dumps(self.payload)
 
 
 @dataclass
@@ -99,24 +103,47 @@ class Detector:
         """Decode one request (any protocol), raising :class:`RequestError` for a client mistake."""
         return parse_row(row, headers, self.cfg, self.device)
 
-    def answer(self, parsed: list[Parsed]) -> list[Any]:
-        """Run every image of the parsed requests through the model at once; one answer each."""
+    def answer(self, parsed: list[Parsed]) -> list[Answer]:
+        """Run every image of the parsed requests through the model at once; one answer each (a
+        request whose answer cannot be made, such as a drawn image over the size limit, gets its 4xx)."""
         images = [r.image for p in parsed for r in p.requests]
         if not images:
-            return [None] * len(parsed)
+            return []
         t0 = time.perf_counter()
         outputs = iter(run_detector(self.model, images, self.device, self.cfg.fp16, self.cfg.pin_memory))
         t1 = time.perf_counter()
-        answers = [wrap(p, [self.format(next(outputs), r) for r in p.requests], self.name, self.version)
-                   for p in parsed]
+        answers = []
+        for p in parsed:
+            outs = [next(outputs) for _ in p.requests]  # consumed whatever happens to this request
+            try:
+                payloads = [self.format(o, r) for o, r in zip(outs, p.requests)]
+                self.check_envelope_size(p, payloads)
+                answers.append(Answer(200, wrap(p, payloads, self.name, self.version)))
+            except RequestError as err:
+                answers.append(Answer(err.code, error_answer(err, p.protocol != "plain"), err.kind))
         self.timing.model_ms += (t1 - t0) * 1000
         self.timing.encode_ms += (time.perf_counter() - t1) * 1000
         self.timing.images += len(images)
         return answers
 
+    def check_envelope_size(self, parsed: Parsed, payloads: list[Any]) -> None:
+        """Drawn images inside a JSON envelope travel as base64 (4/3 larger): refuse past the limit.
+
+        Raises:
+            RequestError: 413 ``image_answer_too_large``.
+        """
+        if parsed.protocol == "plain":
+            return
+        size = sum(len(p.data) for p in payloads if isinstance(p, schema.ImageAnswer)) * 4 // 3
+        if size > self.cfg.max_response_bytes:
+            raise RequestError(413, "image_answer_too_large",
+                               f"{len(payloads)} drawn images make about {size} bytes of base64, over the "
+                               f"{self.cfg.max_response_bytes}-byte response limit: send fewer images per request")
+
     def format(self, output: dict[str, torch.Tensor], req: Request) -> Any:
         """One model output as the payload ``req`` asked for."""
-        return format_output(output, req, self.names, self.name, self.version, self.cfg.keypoint_names)
+        return format_output(output, req, self.names, self.name, self.version, self.cfg.keypoint_names,
+                             self.cfg.max_response_bytes)
 
     def handle(self, rows: list[dict], headers: list[dict]) -> list[Answer]:
         """A batch of requests in, one :class:`Answer` per request out (bad ones get their own 4xx).
@@ -138,8 +165,8 @@ class Detector:
         self.timing.decode_ms = (time.perf_counter() - t0) * 1000
         if len(rows) > 1:
             log.info("batch of %d requests (%d refused)", len(rows), len(rows) - len(parsed))
-        for i, payload in zip(good, self.answer(parsed)):
-            answers[i] = Answer(200, payload)
+        for i, answer in zip(good, self.answer(parsed)):
+            answers[i] = answer
         return answers  # type: ignore[return-value]
 
     def predict(self, data: bytes, threshold: float | None = None, response_format: str = "detailed") -> Any:

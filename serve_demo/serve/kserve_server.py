@@ -100,6 +100,7 @@ def build_model_class():
 
     from serve_demo.core.envelopes import OUTPUT_NAME
     from serve_demo.core.loader import open_archive
+    from serve_demo.core.schema import ImageAnswer
     from serve_demo.core.worker import Detector
 
     class RequestRefused(InvalidInput):
@@ -181,8 +182,8 @@ def build_model_class():
             answer = await self.handle_row(row, headers)
             if answer.status != 200:
                 raise RequestRefused(answer.status, answer.payload)
-            if not v2:
-                return answer.payload
+            if not v2:  # a drawn image answers a v1 request as JSON (base64), like the envelopes
+                return answer.payload.as_json() if isinstance(answer.payload, ImageAnswer) else answer.payload
             out = answer.payload["outputs"][0]
             return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
                                  model_version=self.version, from_grpc=payload.from_grpc,
