@@ -44,6 +44,10 @@ USERS      ?= 20
 DURATION   ?= 2m
 IMAGE      ?= $(DATA)/test/test_00000.jpg
 DRAW       ?= reports/demo/detections.png
+VIDEO      ?=
+VIDEO_OUT  ?= reports/video/$(NAME).mp4
+EVERY      ?= 1
+INFLIGHT   ?= 4
 export INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT GRPC_INFERENCE_PORT GRPC_MANAGEMENT_PORT
 
 MAR        = $(MODEL_STORE)/$(NAME)-$(VERSION).mar
@@ -65,7 +69,7 @@ NEEDS_DATA := $(if $(filter $(DATA),$(DATASET)),$(DATA)/.synth.json) \
 	$(if $(filter $(MASK_DATA),$(DATASET)),$(MASK_DATA)/.synth.json)
 
 .PHONY: help setup check-env data data-masks pennfudan train train-demo train-masks archive serve stop predict evaluate demo test test-unit lint format clean \
-	register versions promote rollback compare key loadtest soak docker-build docker-run docker-stop bench
+	register versions promote rollback compare key loadtest soak docker-build docker-run docker-stop bench video
 
 help: ## list the targets
 	@echo "Usage: make TARGET [VAR=value ...]   (NAME=$(NAME) VERSION=$(VERSION) ARCH=$(ARCH))"
@@ -149,6 +153,11 @@ key: ## print the running server's inference key (curl ... -H "Authorization: Be
 
 stop: ## stop TorchServe and wait for the JVM to exit
 	@if [ -x $(PY) ]; then $(PY) -m serve_demo stop $(SERVE_ARGS); fi
+
+video: $(STAMP) ## VIDEO=file-or-stream-URL through the server -> VIDEO_OUT (.mp4) + .jsonl (EVERY, INFLIGHT)
+	@test -n "$(VIDEO)" || { echo "usage: make video VIDEO=clip.mp4 [VIDEO_OUT=reports/video/out.mp4 EVERY=1 INFLIGHT=4]"; exit 2; }
+	$(PY) -m serve_demo video $(VIDEO) --out $(VIDEO_OUT) --model $(NAME) --every $(EVERY) --inflight $(INFLIGHT) \
+		--url http://127.0.0.1:$(INFERENCE_PORT) --home $(HOME_DIR)
 
 predict: $(STAMP) ## post IMAGE to NAME and draw the boxes into DRAW
 	$(PY) -m serve_demo predict $(IMAGE) --model $(NAME) --draw $(DRAW) \
