@@ -44,6 +44,7 @@ USERS      ?= 20
 DURATION   ?= 2m
 IMAGE      ?= $(DATA)/test/test_00000.jpg
 DRAW       ?= reports/demo/detections.png
+UI_PORT    ?= 8090
 VIDEO      ?=
 VIDEO_OUT  ?= reports/video/$(NAME).mp4
 EVERY      ?= 1
@@ -69,7 +70,7 @@ NEEDS_DATA := $(if $(filter $(DATA),$(DATASET)),$(DATA)/.synth.json) \
 	$(if $(filter $(MASK_DATA),$(DATASET)),$(MASK_DATA)/.synth.json)
 
 .PHONY: help setup check-env data data-masks pennfudan train train-demo train-masks archive serve stop predict evaluate demo test test-unit lint format clean \
-	register versions promote rollback compare key loadtest soak docker-build docker-run docker-stop bench video
+	register versions promote rollback compare key loadtest soak docker-build docker-run docker-stop bench video ui browser
 
 help: ## list the targets
 	@echo "Usage: make TARGET [VAR=value ...]   (NAME=$(NAME) VERSION=$(VERSION) ARCH=$(ARCH))"
@@ -154,6 +155,19 @@ key: ## print the running server's inference key (curl ... -H "Authorization: Be
 stop: ## stop TorchServe and wait for the JVM to exit
 	@if [ -x $(PY) ]; then $(PY) -m serve_demo stop $(SERVE_ARGS); fi
 
+ui: $(STAMP) ## a browser page for the running server on http://127.0.0.1:8090 (UI_PORT): drop an image, slide the threshold
+	$(PY) -m serve_demo ui --port $(UI_PORT) --url http://127.0.0.1:$(INFERENCE_PORT) \
+		--management-url http://127.0.0.1:$(MANAGEMENT_PORT) --home $(HOME_DIR)
+
+# the browser test drives Debian's Chromium; installed here when missing and we are root
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+$(BROWSER):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "the browser test needs Chromium and its driver: sudo apt-get install chromium chromium-driver"; exit 2; fi
+
+browser: $(BROWSER) ## install Chromium + chromedriver (Debian) for the browser test, if missing
+
 video: $(STAMP) ## VIDEO=file-or-stream-URL through the server -> VIDEO_OUT (.mp4) + .jsonl (EVERY, INFLIGHT)
 	@test -n "$(VIDEO)" || { echo "usage: make video VIDEO=clip.mp4 [VIDEO_OUT=reports/video/out.mp4 EVERY=1 INFLIGHT=4]"; exit 2; }
 	$(PY) -m serve_demo video $(VIDEO) --out $(VIDEO_OUT) --model $(NAME) --every $(EVERY) --inflight $(INFLIGHT) \
@@ -188,9 +202,9 @@ demo: data $(NEEDS_DATA) ## end to end: setup, data, archive the committed model
 	@$(MAKE) --no-print-directory serve
 	$(PY) -m serve_demo predict $(IMAGE) --model $(NAME) --draw $(DRAW) \
 		--url http://127.0.0.1:$(INFERENCE_PORT)
-	@echo "annotated picture: $(DRAW); TorchServe keeps running (make stop)"
+	@echo "annotated picture: $(DRAW); TorchServe keeps running (make stop); look at it in a browser: make ui"
 
-test: $(STAMP) ## run the test suite: unit, integration, real TorchServe and KServe servers
+test: $(STAMP) $(BROWSER) ## run the test suite: unit, integration, real TorchServe and KServe servers, Chromium
 	$(PY) -m pytest tests -q
 
 test-unit: $(STAMP) ## the pure tests only (no archive, server or training; under a minute)

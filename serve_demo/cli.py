@@ -31,6 +31,8 @@ COMMANDS: dict[str, Command] = {
     "stop": Command("stop the background server and wait for it to exit", "serve.torchserve",
                     "add_common_arguments", "main_stop"),
     "predict": Command("post images to the server and print detections", "serve.client", "add_arguments", "main"),
+    "ui": Command("a browser page for the running server, on 127.0.0.1 (the keys stay server-side)",
+                  "serve.ui", "add_arguments", "main"),
     "video": Command("a video file or stream through the server -> annotated video + JSON lines",
                      "serve.video", "add_arguments", "main"),
     "evaluate": Command("COCO mAP and F2 of a model on a dataset split", "evaluate.evaluator",
