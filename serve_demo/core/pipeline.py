@@ -169,15 +169,11 @@ def format_output(output: dict[str, torch.Tensor], req: Request, names: dict[int
     Raises:
         RequestError: 413 when the drawn image is larger than ``max_image_bytes``.
     """
-    if req.response_format == defaults.IMAGE_FORMAT:
-        payload = format_output(output, replace(req, response_format="detailed"), names, model_name, version,
-                                keypoint_names)
-        return render_image(req, payload, max_image_bytes)
     scores = output["scores"].tolist()
     keep = [i for i, s in enumerate(scores) if s >= req.threshold]
     dets = schema.make_detections(output["boxes"][keep].tolist(), [scores[i] for i in keep],
                                   output["labels"][keep].tolist(), names, req.threshold)
-    if req.response_format != "detailed":
+    if req.response_format not in ("detailed", defaults.IMAGE_FORMAT):
         return schema.stock_payload(dets)
     h, w = req.image.shape[-2:]
     kp_names = None
@@ -192,13 +188,14 @@ def format_output(output: dict[str, torch.Tensor], req: Request, names: dict[int
         triplets = masks.keypoint_triplets(kps, kp_scores[keep] if kp_scores is not None else None)
         dets = [replace(d, keypoints=k) for d, k in zip(dets, triplets)]
         kp_names = keypoint_names_for(int(output["keypoints"].shape[1]), keypoint_names)
+    if req.response_format == defaults.IMAGE_FORMAT:
+        return render_image(req, dets, max_image_bytes)
     return schema.detailed_payload(dets, (w, h), model_name, version, kp_names)
 
 
-
-
-def render_image(req: Request, payload: dict, max_bytes: int = defaults.MAX_RESPONSE_SIZE) -> schema.ImageAnswer:
-    """The request's image with the detailed ``payload`` drawn, encoded as it asked.
+def render_image(req: Request, dets: list[schema.Detection],
+                 max_bytes: int = defaults.MAX_RESPONSE_SIZE) -> schema.ImageAnswer:
+    """The request's image with ``dets`` (masks and keypoints included) drawn, encoded as it asked.
 
     Raises:
         RequestError: 413 ``image_answer_too_large`` past ``max_bytes`` (TorchServe's max_response_size).
@@ -208,7 +205,7 @@ def render_image(req: Request, payload: dict, max_bytes: int = defaults.MAX_RESP
     from .draw import draw_detections
 
     pixels = req.image.permute(1, 2, 0).cpu().numpy()
-    drawn = draw_detections(Image.fromarray(pixels), schema.parse_detections(payload))
+    drawn = draw_detections(Image.fromarray(pixels), dets)
     buf = io.BytesIO()
     if req.image_type == "png":
         drawn.save(buf, format="PNG", compress_level=1)
