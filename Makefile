@@ -38,8 +38,13 @@ LIMIT      ?=
 FORCE      ?=
 A          ?=
 B          ?=
-IMAGE_TAG  ?= serve-demo:$(VERSION)
-GPU        ?= 1
+IMAGE_TAG  ?= serve-demo:latest
+BASE_IMAGE ?= debian:bookworm-slim
+CONTAINER_NAME ?= serve-demo
+PUBLISH    ?= 127.0.0.1
+GPUS       ?= auto
+READ_ONLY  ?=
+MEMORY     ?=
 USERS      ?= 20
 DURATION   ?= 2m
 IMAGE      ?= $(DATA)/test/test_00000.jpg
@@ -52,6 +57,7 @@ INFLIGHT   ?= 4
 export INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT GRPC_INFERENCE_PORT GRPC_MANAGEMENT_PORT
 
 MAR        = $(MODEL_STORE)/$(NAME)-$(VERSION).mar
+CONTAINER  := $(PYTHON_SYS) -m serve_demo.serve.container
 SERVE_ARGS := --inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT) \
 	--grpc-ports $(GRPC_INFERENCE_PORT) $(GRPC_MANAGEMENT_PORT) --home $(HOME_DIR) --model-store $(MODEL_STORE)
 ARCH_ARGS  := $(if $(MODEL_FILE),--model-file $(MODEL_FILE),--arch $(ARCH))
@@ -70,7 +76,8 @@ NEEDS_DATA := $(if $(filter $(DATA),$(DATASET)),$(DATA)/.synth.json) \
 	$(if $(filter $(MASK_DATA),$(DATASET)),$(MASK_DATA)/.synth.json)
 
 .PHONY: help setup check-env data data-masks pennfudan train train-demo train-masks archive serve stop predict evaluate demo test test-unit lint format clean \
-	register versions promote rollback compare key loadtest soak docker-build docker-run docker-stop bench video ui browser
+	register versions promote rollback compare key loadtest soak docker-build docker-run docker-stop docker-key sbom \
+	container-engine bench video ui browser
 
 help: ## list the targets
 	@echo "Usage: make TARGET [VAR=value ...]   (NAME=$(NAME) VERSION=$(VERSION) ARCH=$(ARCH))"
@@ -131,18 +138,28 @@ soak: $(NEEDS_DATA) | $(STAMP) ## 50 users x 5 min, 10% malformed, worker RSS wa
 	$(PY) scripts/soak.py --users 50 --duration 5m --model $(NAME) --bad-share 0.1 --max-rss-growth 0.05 \
 		--out reports/soak --images $(DATASET)/$(SPLIT)
 
-docker-build: ## build the GPU image (archives from model-store/ baked in) as IMAGE_TAG
-	@ls model-store/*.mar >/dev/null 2>&1 || { echo "no archives in model-store/: make archive first"; exit 2; }
-	docker build -f docker/Dockerfile -t $(IMAGE_TAG) .
+# The serving image (docker/Dockerfile): docker where its daemon answers, else podman (installed when
+# root). No venv is needed to build it; the base is built locally where no registry answers.
+docker-build: ## build the serving image IMAGE_TAG (CPU and GPU) on BASE_IMAGE; docker, else podman
+	$(CONTAINER) build --tag $(IMAGE_TAG) --base $(BASE_IMAGE)
 
-docker-run: ## run IMAGE_TAG: inference on :8080, management/metrics on the host's loopback (GPU=0: CPU)
-	docker run -d --name serve-demo $(if $(filter 1,$(GPU)),--gpus all) -p $(INFERENCE_PORT):8080 \
-		-p 127.0.0.1:$(MANAGEMENT_PORT):8081 -p 127.0.0.1:$(METRICS_PORT):8082 \
-		-e TS_MANAGEMENT_ADDRESS=http://0.0.0.0:8081 -e TS_METRICS_ADDRESS=http://0.0.0.0:8082 $(IMAGE_TAG)
-	@echo "inference key: docker exec serve-demo python -c \"import json; print(json.load(open('key_file.json'))['inference']['key'])\""
+docker-run: $(NEEDS_DATA) ## run IMAGE_TAG on MODEL_STORE, ports on PUBLISH (127.0.0.1), keys+logs in HOME_DIR; wait healthy
+	@$(MAKE) --no-print-directory $(MAR)
+	$(CONTAINER) run --tag $(IMAGE_TAG) --name $(CONTAINER_NAME) --store $(MODEL_STORE) --home $(HOME_DIR) \
+		--address $(PUBLISH) --ports $(INFERENCE_PORT) $(MANAGEMENT_PORT) $(METRICS_PORT) --gpus $(GPUS) \
+		$(if $(READ_ONLY),--read-only) $(if $(MEMORY),--memory $(MEMORY))
 
-docker-stop: ## stop and remove the serve-demo container
-	-docker rm -f serve-demo
+docker-stop: ## stop the container (SIGTERM: requests in flight are answered) and remove it
+	@$(CONTAINER) stop --name $(CONTAINER_NAME)
+
+docker-key: ## the inference key of a container started by hand (docker run ...): CONTAINER_NAME
+	@$(CONTAINER) key --name $(CONTAINER_NAME)
+
+sbom: $(STAMP) ## CycloneDX SBOM of IMAGE_TAG's Python packages -> reports/sbom/serve-demo.cdx.json
+	$(PY) -m serve_demo.serve.container sbom --tag $(IMAGE_TAG)
+
+container-engine: ## check for docker/podman; install podman (root + apt-get) when there is none
+	@$(CONTAINER) engine
 
 bench: $(NEEDS_DATA) | $(STAMP) ## benchmark: in-process limit, our handler (sweep), stock handler, KServe server, LitServe -> reports/bench
 	$(PY) -m serve_demo bench --dataset $(DATASET) --split $(SPLIT)
@@ -204,7 +221,8 @@ demo: data $(NEEDS_DATA) ## end to end: setup, data, archive the committed model
 		--url http://127.0.0.1:$(INFERENCE_PORT)
 	@echo "annotated picture: $(DRAW); TorchServe keeps running (make stop); look at it in a browser: make ui"
 
-test: $(STAMP) $(BROWSER) ## run the test suite: unit, integration, real TorchServe and KServe servers, Chromium
+test: $(STAMP) $(BROWSER) ## run the test suite: unit, integration, real TorchServe and KServe servers, Chromium, the image
+	@$(MAKE) --no-print-directory docker-build
 	$(PY) -m pytest tests -q
 
 test-unit: $(STAMP) ## the pure tests only (no archive, server or training; under a minute)

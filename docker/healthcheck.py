@@ -1,6 +1,6 @@
 """Container health: every worker of every registered model is READY.
 
-Runs inside the container (the image's own Python, 3.9; standard library only), as the Docker
+Runs inside the container (the image's own Python; standard library only), as the Docker
 HEALTHCHECK and the Kubernetes readiness probe. Asks the management API on loopback, with the
 management key from key_file.json when token authorization is on. Exit 0 healthy, 1 not.
 """
@@ -12,7 +12,7 @@ import os
 import sys
 import urllib.request
 
-HOME = os.environ.get("HEALTHCHECK_HOME", "/home/model-server")
+HOME = os.environ.get("HEALTHCHECK_HOME", "/home/model-server/run")
 PORT = os.environ.get("TS_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081").rsplit(":", 1)[-1]
 URL = f"http://127.0.0.1:{PORT}"
 

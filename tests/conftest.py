@@ -1,8 +1,11 @@
-"""Shared fixtures: test images, archives built by torch-model-archiver, a real TorchServe."""
+"""Shared fixtures: test images, archives built by torch-model-archiver, a real TorchServe, the image run."""
 
 from __future__ import annotations
 
 import io
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +15,10 @@ from PIL import Image
 
 from serve_demo.archive.builder import ArchiveSpec, build
 from serve_demo.data.synth import SynthConfig, render_image
+from serve_demo.serve import container
+from serve_demo.serve.container import Engine, RunSpec
 from serve_demo.serve.kserve_local import KServeServer
-from serve_demo.serve.torchserve import TorchServe, read_properties
+from serve_demo.serve.torchserve import TorchServe, free_ports, read_properties
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -99,10 +104,105 @@ def kserve(tmp_path_factory, model_store):
         yield ks
 
 
-@pytest.fixture(params=["torchserve", "kserve"])
+@dataclass
+class ContainerServer(TorchServe):
+    """The serving image run as ``make docker-run`` runs it, on free loopback ports.
+
+    Its run folder (keys, logs) is ``home``, mounted; so the management key, the logs and the
+    management API are reached from the host exactly as for a local TorchServe."""
+
+    engine: Engine | None = None
+    name: str = ""
+    spec: RunSpec | None = None
+    startup_s: float = 0.0
+
+    def pid(self) -> int | None:
+        info = self.engine.inspect(self.name) if self.engine else None
+        return info["State"].get("Pid") if info and info["State"].get("Running") else None
+
+    def start(self) -> None:
+        container.start(self.engine, self.spec)
+        self.startup_s = container.wait_healthy(self.engine, self.name, 300)
+
+    def stop(self, timeout: float = 15) -> bool:
+        return container.stop(self.engine, self.name, int(timeout))
+
+    def log_tail(self, lines: int = 30) -> str:
+        return container.logs(self.engine, self.name, lines)
+
+
+IMAGE_TAG = os.environ.get("IMAGE_TAG", container.DEFAULT_TAG)
+
+
+@pytest.fixture(scope="session")
+def engine() -> Engine:
+    try:
+        return container.detect_engine()
+    except container.ContainerError as exc:
+        pytest.fail(f"{exc} (`make test` installs podman as root)")
+
+
+@pytest.fixture(scope="session")
+def image(engine) -> str:
+    if not engine.image_exists(IMAGE_TAG):
+        pytest.fail(f"no image {IMAGE_TAG}: `make docker-build` (`make test` builds it first)")
+    return IMAGE_TAG
+
+
+def make_container(engine: Engine, image: str, home: Path | None, store: Path, **spec) -> ContainerServer:
+    """A container of ``image`` on free loopback ports (not started); management and metrics published."""
+    p = free_ports(3)
+    name = f"serve-demo-test-{os.getpid()}-{p[0]}"
+    run = RunSpec(image=image, name=name, store=store, home=home, inference_port=p[0], management_port=p[1],
+                  metrics_port=p[2], gpus="none", **spec)
+    # without a mounted home (a tmpfs run folder), keys are read with `exec` (container.container_key)
+    return ContainerServer(home=home or Path("/nonexistent/run"), model_store=store, inference_port=p[0],
+                           management_port=p[1], metrics_port=p[2], engine=engine, name=name, spec=run)
+
+
+@pytest.fixture(scope="session")
+def container_tmp() -> Path:
+    """Folders the container's user (uid 1000) can reach: pytest's own temp root is private (0700)."""
+    root = ROOT / "build" / "container-tests" / str(os.getpid())
+    root.mkdir(parents=True, exist_ok=True)
+    for p in (root, root.parent, root.parent.parent):
+        p.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def container_dir(container_tmp: Path, name: str) -> Path:
+    path = container_tmp / name
+    path.mkdir(mode=0o755)
+    return path
+
+
+@pytest.fixture(scope="session")
+def container_store(container_tmp, model_store) -> Path:
+    """The archives of ``model_store`` (byte for byte), where the container can read them."""
+    store = container_dir(container_tmp, "store")
+    for mar in model_store.glob("*.mar"):
+        shutil.copy2(mar, store / mar.name)
+    return store
+
+
+@pytest.fixture(scope="session")
+def served_container(container_tmp, engine, image, container_store):
+    """The image serving the same archives as ``server`` (make docker-run's command)."""
+    c = make_container(engine, image, container_dir(container_tmp, "served-home"), container_store)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(params=["torchserve", "kserve", "container"])
 def target(request):
-    """Each server in turn, serving the same archives: the behavioural suite runs against both."""
-    return request.getfixturevalue("server" if request.param == "torchserve" else "kserve")
+    """Each server in turn, serving the same archives: the behavioural suite runs against the local
+    TorchServe, the KServe server and the container image."""
+    return request.getfixturevalue({"torchserve": "server", "kserve": "kserve",
+                                    "container": "served_container"}[request.param])
 
 
 def workers(ts: TorchServe | KServeServer, model: str = "shapes") -> list[dict]:
@@ -132,7 +232,8 @@ def post(ts: TorchServe | KServeServer, model: str, data: bytes, headers: dict |
 
 
 # Test layers (make test-unit runs the first): a test's layer follows from what it needs.
-SERVER_FIXTURES = {"server", "kserve", "target", "family_server", "mask_server", "ts", "small_store"}
+SERVER_FIXTURES = {"server", "kserve", "target", "served_container", "engine", "image",
+                   "family_server", "mask_server", "ts", "small_store"}
 INTEGRATION_FIXTURES = {"model_store", "fixed_weights", "pets_mar", "test_split", "model_dir", "handler",
                         "context", "mask_split", "lightning_ckpt"}
 INTEGRATION_MODULES = {"test_train", "test_archive", "test_docker", "test_gpu_options", "test_families"}

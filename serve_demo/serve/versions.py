@@ -159,17 +159,25 @@ class Registry:
         return first, later
 
 
-def start_from_registry(ts, timeout: float = 180) -> dict[str, list[dict]]:
-    """Start ``ts`` (a :class:`~serve_demo.serve.torchserve.TorchServe`) with the recorded versions and defaults."""
+def plan_from_registry(ts) -> tuple[Registry, list[str]]:
+    """Set ``ts.models`` to the recorded defaults; returns the registry and the archives to register
+    once it runs. The registry is saved when the store is writable (a read-only mount is read as is)."""
     registry = Registry.load(ts.model_store)
     for w in registry.sync(ts.model_store):
         log.warning(w)
-    registry.save()
+    try:
+        registry.save()
+    except OSError as exc:
+        log.info("registry not saved (%s): the store is read-only here", exc)
     first, later = registry.load_plan()
     if not first:
         raise VersionError(f"no archives in {ts.model_store}: run `make archive` (or `make demo`) first")
     ts.models = ",".join(first)
-    ts.start()
+    return registry, later
+
+
+def finish_from_registry(ts, registry: Registry, later: list[str], timeout: float = 180) -> dict[str, list[dict]]:
+    """On a started ``ts``: register the recorded non-default versions and set the defaults."""
     ts.wait_ready(timeout)
     mgmt = Management(ts.management_url, home=ts.home)
     for archive in later:
@@ -179,6 +187,13 @@ def start_from_registry(ts, timeout: float = 180) -> dict[str, list[dict]]:
         if later and mgmt.default_version(name) != e["default"]:
             mgmt.set_default(name, e["default"])
     return ts.wait_ready(timeout)
+
+
+def start_from_registry(ts, timeout: float = 180) -> dict[str, list[dict]]:
+    """Start ``ts`` (a :class:`~serve_demo.serve.torchserve.TorchServe`) with the recorded versions and defaults."""
+    registry, later = plan_from_registry(ts)
+    ts.start()
+    return finish_from_registry(ts, registry, later, timeout)
 
 
 def register_new_models(ts, served: dict) -> list[str]:
@@ -293,6 +308,11 @@ def main_register(args: argparse.Namespace) -> int:
             print(f"register: {exc}", file=sys.stderr)
             return 2
         print(f"registered {name} {version} from {archive.name} in {time.monotonic() - t0:.1f} s")
+    if served and name not in registry.models:
+        # no record yet (a server started on a store it could not write): record what it serves first
+        default = mgmt.default_version(name)
+        for v in sorted(served, key=lambda v: (v != default, version_key(v))):
+            registry.add(name, v, f"{name}-{v}.mar")
     registry.add(name, version, archive.name)
     if not served:
         registry.entry(name)["default"] = version
