@@ -161,3 +161,30 @@ def test_frontend_answers_before_the_handler(server, name, kwargs, code):
     assert [w["pid"] for w in workers(server)] == before
     good = send(server, {"data": jpeg(), "headers": {"Content-Type": "image/jpeg"}})
     assert good.status_code == 200
+
+
+def multipart(fields: int, size: int, image: bytes | None) -> tuple[bytes, str]:
+    """A raw multipart/form-data body of ``fields`` text fields of ``size`` bytes (+ an image)."""
+    boundary = "serve-demo-boundary"
+    part = "".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"f{i}\"\r\n\r\n{'x' * size}\r\n"
+                   for i in range(fields)).encode()
+    if image is not None:
+        part += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"data\"; filename=\"a.jpg\"\r\n"
+                 "Content-Type: image/jpeg\r\n\r\n").encode() + image + b"\r\n"
+    return part + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.mark.parametrize("fields,size,code", [(17_000, 1_000, 413), (20_000, 100, None)], ids=["17MiB", "20k-fields"])
+def test_multipart_decoder_is_bounded_by_max_request_size(server, fields, size, code):
+    """TorchServe 0.12's netty (4.1.53) has CVE-2024-29025: its multipart decoder accumulates fields
+    without limit. The frontend aggregates at most max_request_size (16 MiB) before decoding, so
+    17 MiB of fields gets 413, and 20,000 small fields are decoded and answered without a 5xx
+    (docs/security.md)."""
+    before = [w["pid"] for w in workers(server)]
+    body, ctype = multipart(fields, size, jpeg())
+    r = requests.post(f"{server.inference_url}/predictions/shapes", data=body, timeout=120,
+                      headers={"Content-Type": ctype, **server.auth("inference")})
+    assert r.status_code == code if code else r.status_code < 500, (r.status_code, r.text[:300])
+    assert [w["pid"] for w in workers(server)] == before
+    good = send(server, {"data": jpeg(), "headers": {"Content-Type": "image/jpeg"}})
+    assert good.status_code == 200

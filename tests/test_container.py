@@ -275,3 +275,34 @@ def test_run_command_publishes_on_loopback_and_mounts_store_and_home(tmp_path):
     gpu = container.run_command(container.Engine("docker", "/usr/bin/docker"),
                                 container.RunSpec(image="img", home=None, gpus="all"))
     assert "--gpus all" in " ".join(gpu)
+
+
+def test_the_kserve_manifest_command_serves_the_same_archive(engine, image, container_store):
+    """docker/k8s/inferenceservice-kserve.yaml's command in this image: KServe's ModelServer, no JVM."""
+    import yaml
+
+    (isvc,) = [d for d in yaml.safe_load_all((ROOT / "docker/k8s/inferenceservice-kserve.yaml").read_text()) if d]
+    (spec,) = isvc["spec"]["predictor"]["containers"]
+    args = [a.replace("/mnt/models", container.IMAGE_STORE) for a in spec["args"]]
+    port, name = free_ports(1)[0], f"serve-demo-kserve-{free_ports(1)[0]}"
+    engine("run", "-d", *engine.run_flags(), "--name", name, "-p", f"127.0.0.1:{port}:8080",
+           "-v", f"{container_store}:{container.IMAGE_STORE}:ro", "--entrypoint", spec["command"][0], image,
+           *spec["command"][1:], *args)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        started = time.monotonic()
+        while time.monotonic() < started + 120:
+            try:
+                if requests.get(f"{url}/v2/models/shapes/ready", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert engine.inspect(name)["State"].get("Running"), container.logs(engine, name)
+            time.sleep(0.5)
+        r = requests.post(f"{url}/predictions/shapes", data=encode(synth_image(3)),
+                          headers={"Content-Type": "image/jpeg"}, timeout=60)
+        assert r.status_code == 200, r.text
+        labelled_boxes(r.json())
+        print(f"\nKServe ModelServer in the image: ready after {time.monotonic() - started:.1f} s")
+    finally:
+        container.stop(engine, name)

@@ -146,6 +146,11 @@ def test_kubernetes_manifests_validate_offline():
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
     svc = docs[1]
     assert [p["port"] for p in svc["spec"]["ports"]] == [8080]  # only inference is exposed
+    (c,) = docs[0]["spec"]["template"]["spec"]["containers"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/home/model-server/model-store"]["readOnly"] is True
+    assert {"/home/model-server/run", "/tmp"} <= set(mounts)  # the only writable paths
 
 
 PREDICTOR_FIELDS = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "containerConcurrency", "timeout",
@@ -170,6 +175,12 @@ def test_inferenceservice(name):
     assert c["readinessProbe"]["exec"]["command"][-1] == "/home/model-server/healthcheck.py"
     assert c["livenessProbe"]["httpGet"]["path"] == "/ping"
     assert isvc["metadata"]["annotations"]["prometheus.io/port"] == "8082"
+    # the archives come from storage: the entry point reads the folder KServe fills
+    assert c["args"] == ["--model-store", "/mnt/models"]
+    assert any(e["name"] == "STORAGE_URI" for e in c["env"])
+    from serve_demo.serve.entrypoint import build_parser
+
+    assert str(build_parser().parse_args(c["args"]).model_store) == "/mnt/models"
     if "canary" in name:
         assert pred["canaryTrafficPercent"] == 10
 

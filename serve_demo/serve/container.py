@@ -48,7 +48,8 @@ class ContainerError(RuntimeError):
 
 def _run(cmd: list[str], check: bool = True, capture: bool = True, timeout: float | None = None,
          **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=capture, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw)
+    kw.setdefault("stdin", subprocess.DEVNULL)
+    proc = subprocess.run(cmd, capture_output=capture, text=True, timeout=timeout, **kw)
     if check and proc.returncode != 0:
         detail = (proc.stderr or proc.stdout or "").strip()[-2000:] if capture else ""
         raise ContainerError(f"`{shlex.join(cmd)}` failed (exit {proc.returncode})"

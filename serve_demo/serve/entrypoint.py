@@ -109,7 +109,7 @@ class Supervisor:
         return 0 if self.stopping.is_set() else (code or 1)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve_demo.serve.entrypoint", description=__doc__.split("\n")[0])
     p.add_argument("--model-store", type=Path, default=IMAGE_HOME / "model-store",
                    help="the archives (a mounted volume) and registry.json")
@@ -118,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for READY workers")
     p.add_argument("--drain", type=float, default=float(os.environ.get("SERVE_DEMO_DRAIN_S", 6)),
                    help="on SIGTERM, seconds to let requests in flight finish (default 6; SERVE_DEMO_DRAIN_S)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if not args.model_store.is_dir() or not any(args.model_store.glob("*.mar")):
