@@ -54,6 +54,10 @@ VIDEO      ?=
 VIDEO_OUT  ?= reports/video/$(NAME).mp4
 EVERY      ?= 1
 INFLIGHT   ?= 4
+CAPTURE    ?=
+WINDOW     ?= 1h
+PROMETHEUS_URL ?= http://127.0.0.1:9090
+COLLECT_OUT ?= data/collected
 export INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT GRPC_INFERENCE_PORT GRPC_MANAGEMENT_PORT
 
 MAR        = $(MODEL_STORE)/$(NAME)-$(VERSION).mar
@@ -65,7 +69,8 @@ ARCHIVE_ARGS = --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
 	--weights $(WEIGHTS) --labels $(LABELS) --threshold $(THRESHOLD) --batch-size $(BATCH_SIZE) \
 	$(if $(FORMAT),--response-format $(FORMAT)) $(if $(MASK_THRESHOLD),--mask-threshold $(MASK_THRESHOLD)) \
 	$(if $(MODEL_KWARGS),--model-kwargs '$(MODEL_KWARGS)') $(if $(WEIGHTS_PREFIX),--weights-prefix $(WEIGHTS_PREFIX)) \
-	$(if $(KEEP_DUPLICATE_LABELS),--keep-duplicate-labels) --export-path $(MODEL_STORE) $(GPU_OPTIONS)
+	$(if $(KEEP_DUPLICATE_LABELS),--keep-duplicate-labels) $(if $(CAPTURE),--capture-rate $(CAPTURE)) \
+	--export-path $(MODEL_STORE) $(GPU_OPTIONS)
 URLS       := --url http://127.0.0.1:$(INFERENCE_PORT) --management-url http://127.0.0.1:$(MANAGEMENT_PORT)
 MGMT_URL   := --management-url http://127.0.0.1:$(MANAGEMENT_PORT)
 # VERSION only when given (make evaluate VERSION=2.0); otherwise the server's default version
@@ -77,11 +82,11 @@ NEEDS_DATA := $(if $(filter $(DATA),$(DATASET)),$(DATA)/.synth.json) \
 
 .PHONY: help setup check-env data data-masks pennfudan train train-demo train-masks archive serve stop predict evaluate demo test test-unit lint format clean \
 	register versions promote rollback compare key loadtest soak docker-build docker-run docker-stop docker-key sbom \
-	container-engine bench video ui browser
+	container-engine bench video ui browser prometheus-tools prometheus prometheus-stop drift dashboard collect
 
 help: ## list the targets
 	@echo "Usage: make TARGET [VAR=value ...]   (NAME=$(NAME) VERSION=$(VERSION) ARCH=$(ARCH))"
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@$(PYTHON_SYS) scripts/check_java.py
@@ -176,6 +181,30 @@ ui: $(STAMP) ## a browser page for the running server on http://127.0.0.1:8090 (
 	$(PY) -m serve_demo ui --port $(UI_PORT) --url http://127.0.0.1:$(INFERENCE_PORT) \
 		--management-url http://127.0.0.1:$(MANAGEMENT_PORT) --home $(HOME_DIR)
 
+# Monitoring: Debian's Prometheus and promtool (the tests start a real one); installed when root
+PROMETHEUS_BIN := /usr/bin/prometheus /usr/bin/promtool
+$(PROMETHEUS_BIN):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	else echo "the monitoring tests need Prometheus and promtool: sudo apt-get install prometheus"; exit 2; fi
+
+prometheus-tools: $(PROMETHEUS_BIN) ## install Prometheus + promtool (Debian) for make prometheus and the tests
+
+prometheus: $(PROMETHEUS_BIN) $(STAMP) ## a Prometheus on 127.0.0.1:9090 scraping the server's :8082 (alerts loaded)
+	$(PY) -m serve_demo prometheus --target 127.0.0.1:$(METRICS_PORT)
+
+prometheus-stop: ## stop make prometheus's Prometheus
+	@$(PY) -m serve_demo prometheus --stop
+
+drift: $(STAMP) ## PSI of the last WINDOW of live traffic vs NAME VERSION's evaluation baseline; exit 1 on drift
+	$(PY) -m serve_demo drift --model $(NAME) --version $(VERSION) --window $(WINDOW) --prometheus $(PROMETHEUS_URL)
+
+dashboard: $(STAMP) ## draw the Grafana dashboard's panels from Prometheus -> reports/dashboard/dashboard.png
+	$(PY) -m serve_demo dashboard --prometheus $(PROMETHEUS_URL)
+
+collect: $(STAMP) ## captured uncertain images (archive CAPTURE=share) -> COLLECT_OUT, a COCO dataset to label
+	$(PY) -m serve_demo collect --capture $(HOME_DIR)/capture --out $(COLLECT_OUT)
+
 # the browser test drives Debian's Chromium; installed here when missing and we are root
 BROWSER := /usr/bin/chromium /usr/bin/chromedriver
 $(BROWSER):
@@ -221,7 +250,7 @@ demo: data $(NEEDS_DATA) ## end to end: setup, data, archive the committed model
 		--url http://127.0.0.1:$(INFERENCE_PORT)
 	@echo "annotated picture: $(DRAW); TorchServe keeps running (make stop); look at it in a browser: make ui"
 
-test: $(STAMP) $(BROWSER) ## run the test suite: unit, integration, real TorchServe and KServe servers, Chromium, the image
+test: $(STAMP) $(BROWSER) $(PROMETHEUS_BIN) ## run the test suite: unit, integration, real TorchServe and KServe servers, Chromium, the image
 	@$(MAKE) --no-print-directory docker-build
 	$(PY) -m pytest tests -q
 

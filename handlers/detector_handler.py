@@ -4,6 +4,7 @@ Per batch: each request is decoded on its own (a bad one gets its own 4xx JSON e
 of the batch still succeeds), the good images go through the detector at once (mixed sizes are
 fine: never stacked), and each request is answered in the protocol and format it asked for,
 always as JSON. The same :class:`serve_demo.core.worker.Detector` answers on the KServe server.
+Each batch's detection metrics (serve_demo/core/observe.py) go to TorchServe's metrics cache.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
+from serve_demo.core.observe import TorchServeSink
 from serve_demo.core.worker import Detector
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,8 @@ class DetectorHandler(BaseHandler):
         device = torch.device(f"cuda:{gpu}" if torch.cuda.is_available() and gpu is not None else "cpu")
         self.detector = Detector.from_model_dir(props.get("model_dir"), context.manifest.get("model", {}),
                                                 getattr(context, "model_yaml_config", None), device)
+        if hasattr(context.metrics, "add_metric_to_cache"):  # detection metrics on :8082 (docker/metrics.yaml)
+            self.detector.attach_metrics(TorchServeSink(context.metrics))
         self.context = context
         self.initialized = True
 

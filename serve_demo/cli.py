@@ -49,6 +49,14 @@ COMMANDS: dict[str, Command] = {
                        "add_compare_arguments", "main_compare"),
     "bench": Command("in-process limits vs our servers vs the stock handler vs LitServe (one run)",
                      "bench.runner", "add_arguments", "main"),
+    "drift": Command("PSI of live traffic (from Prometheus) against the evaluation baseline; exit 1 on drift",
+                     "monitor.drift", "add_arguments", "main"),
+    "collect": Command("captured uncertain images + predictions -> a COCO dataset to label",
+                       "monitor.collect", "add_arguments", "main"),
+    "dashboard": Command("draw the operators' dashboard from Prometheus into a PNG (or --grafana: its JSON)",
+                         "monitor.dashboard", "add_arguments", "main"),
+    "prometheus": Command("a local Prometheus (the shipped config) scraping the server's metrics API",
+                          "monitor.prometheus", "add_arguments", "main"),
     "check-env": Command("check Python packages and Java 11+", "envcheck", "add_arguments", "main"),
 }
 

@@ -233,7 +233,7 @@ def post(ts: TorchServe | KServeServer, model: str, data: bytes, headers: dict |
 
 # Test layers (make test-unit runs the first): a test's layer follows from what it needs.
 SERVER_FIXTURES = {"server", "kserve", "target", "served_container", "engine", "image",
-                   "family_server", "mask_server", "ts", "small_store"}
+                   "family_server", "mask_server", "ts", "small_store", "mon"}
 INTEGRATION_FIXTURES = {"model_store", "fixed_weights", "pets_mar", "test_split", "model_dir", "handler",
                         "context", "mask_split", "lightning_ckpt"}
 INTEGRATION_MODULES = {"test_train", "test_archive", "test_docker", "test_gpu_options", "test_families"}

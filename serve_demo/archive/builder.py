@@ -73,6 +73,7 @@ class ArchiveSpec:
     gpu_decode: bool = False
     channels_last: bool = False
     pin_memory: bool = False
+    capture_rate: float = 0.0  # > 0: keep this share of the uncertain images for labelling (handler.capture)
     export_path: str = defaults.MODEL_STORE
     build_dir: str = "build/archive"
     no_check: bool = False
@@ -125,6 +126,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gpu.add_argument("--gpu-decode", action="store_true", help="decode plain JPEGs with nvjpeg on the GPU")
     gpu.add_argument("--channels-last", action="store_true", help="NHWC convolution weights")
     gpu.add_argument("--pin-memory", action="store_true", help="page-locked host copies before the upload")
+    p.add_argument("--capture-rate", type=float, default=_D.capture_rate, metavar="SHARE",
+                   help="opt-in: keep this share (0-1) of the images the model is unsure about, with its "
+                        "predictions, for labelling (a privacy decision: docs/monitoring.md). Default 0: off")
     p.add_argument("--export-path", default=_D.export_path)
     p.add_argument("--build-dir", default=_D.build_dir)
     p.add_argument("--no-check", action="store_true", help="skip loading and running the model")
@@ -160,6 +164,8 @@ def model_config(spec: ArchiveSpec, arch: str | None) -> dict:
     for option in ("fp16", "gpu_decode", "channels_last", "pin_memory"):
         if getattr(spec, option):
             handler[option] = True
+    if spec.capture_rate:
+        handler["capture"] = {"enabled": True, "rate": spec.capture_rate}
     HandlerConfig.from_yaml(handler)  # same validation as the worker
     return {"minWorkers": spec.workers, "maxWorkers": spec.workers, "batchSize": spec.batch_size,
             "maxBatchDelay": spec.max_batch_delay, "responseTimeout": 120, "handler": handler}

@@ -32,6 +32,7 @@ class HandlerConfig:
     model_kwargs: dict = field(default_factory=dict)
     mask_threshold: float = defaults.MASK_THRESHOLD  # mask models: probability at which a pixel belongs to the mask
     keypoint_names: list | None = None  # keypoint models; None: COCO's 17 names, else kp_0, kp_1, ...
+    capture: dict | None = None  # opt-in capture of uncertain images for labelling (core.capture.CaptureConfig)
 
     @classmethod
     def from_yaml(cls, section: dict | None) -> HandlerConfig:
@@ -47,6 +48,10 @@ class HandlerConfig:
         if cfg.keypoint_names is not None and not (
                 isinstance(cfg.keypoint_names, list) and all(isinstance(n, str) for n in cfg.keypoint_names)):
             raise ValueError("model-config.yaml handler.keypoint_names must be a list of names")
+        if cfg.capture is not None:
+            from .capture import CaptureConfig
+
+            CaptureConfig.from_yaml(cfg.capture)
         if cfg.response_format not in defaults.FORMATS:
             raise ValueError(f"model-config.yaml handler.response_format must be one of {defaults.FORMATS}")
         if int(cfg.max_image_pixels) < 1 or int(cfg.threads) < 0 or int(cfg.max_response_bytes) < 1:

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from . import schema
+from . import observe, schema
+from .capture import CaptureConfig, Capturer
 from .config import LABEL_FILE, HandlerConfig
 from .envelopes import Parsed, error_answer, is_enveloped, parse_row, wrap
 from .imaging import RequestError, decode_image
@@ -85,8 +86,20 @@ class Detector:
             if added:
                 sys.path.remove(model_dir)
         self.timing = Timing()
+        self.stats = observe.BatchStats()
+        self.sink: observe.Sink | None = None  # the server's metrics (observe.TorchServeSink, PrometheusSink)
+        capture = CaptureConfig.from_yaml(self.cfg.capture)
+        self.capturer = Capturer(capture, self.name, self.version, self.names) if capture.enabled else None
         log.info("%s %s ready on %s: %d classes, threshold %.2f, format %s", self.name, self.version,
                  self.device, len(self.names) - 1, self.cfg.threshold, self.cfg.response_format)
+
+    def attach_metrics(self, sink: observe.Sink) -> None:
+        """Emit each batch's :class:`~serve_demo.core.observe.BatchStats` to ``sink`` (and count this load)."""
+        self.sink = sink
+        try:
+            sink(observe.SPECS["WorkerStarts"], (self.name, self.version), 1.0)
+        except Exception:  # noqa: BLE001 - metrics never stop a worker
+            log.exception("metrics sink refused WorkerStarts")
 
     @classmethod
     def from_archive(cls, path: str | Path, device: torch.device | str = "cpu", threads: int = 0) -> Detector:
@@ -119,12 +132,37 @@ class Detector:
                 payloads = [self.format(o, r) for o, r in zip(outs, p.requests)]
                 self.check_envelope_size(p, payloads)
                 answers.append(Answer(200, wrap(p, payloads, self.name, self.version)))
+                for o, r in zip(outs, p.requests):
+                    self.observe(o, r)
             except RequestError as err:
                 answers.append(Answer(err.code, error_answer(err, p.protocol != "plain"), err.kind))
+                self.stats.refused.append(err.kind)
+        t2 = time.perf_counter()
         self.timing.model_ms += (t1 - t0) * 1000
-        self.timing.encode_ms += (time.perf_counter() - t1) * 1000
+        self.timing.encode_ms += (t2 - t1) * 1000
         self.timing.images += len(images)
+        self.stats.model_s += t1 - t0
+        self.stats.encode_s += t2 - t1
         return answers
+
+    def observe(self, output: dict[str, torch.Tensor], req: Request) -> None:
+        """Record what one answered image looked like and got (metrics, drift), and offer it to capture."""
+        keep = output["scores"] >= req.threshold
+        labels = [self.names.get(int(c), str(int(c))) for c in output["labels"][keep].tolist()]
+        h, w = req.image.shape[-2:]
+        brightness = float(req.image.mean(dtype=torch.float32)) / 255.0
+        self.stats.images.append(observe.ImageStats(int(w), int(h), brightness, labels,
+                                                    [round(float(s), 4) for s in output["scores"][keep].tolist()]))
+        if self.capturer is not None:
+            try:
+                outcome = self.capturer.offer(req.image, output, req.threshold)
+            except Exception:  # noqa: BLE001 - capture never fails a request
+                log.exception("capture failed")
+                outcome = "error"
+            if outcome == "saved":
+                self.stats.capture_saved += 1
+            elif outcome:
+                self.stats.capture_dropped[outcome] = self.stats.capture_dropped.get(outcome, 0) + 1
 
     def check_envelope_size(self, parsed: Parsed, payloads: list[Any]) -> None:
         """Drawn images inside a JSON envelope travel as base64 (4/3 larger): refuse past the limit.
@@ -152,6 +190,7 @@ class Detector:
         (a list, never stacked).
         """
         self.timing = Timing()
+        self.stats = observe.BatchStats(requests=len(rows))
         t0 = time.perf_counter()
         answers: list[Answer | None] = [None] * len(rows)
         good, parsed = [], []
@@ -161,12 +200,16 @@ class Detector:
                 good.append(i)
             except RequestError as err:
                 answers[i] = Answer(err.code, error_answer(err, is_enveloped(row, hdrs)), err.kind)
+                self.stats.refused.append(err.kind)
                 log.info("request %d refused: %d %s: %s", i, err.code, err.kind, err.message)
         self.timing.decode_ms = (time.perf_counter() - t0) * 1000
+        self.stats.decode_s = self.timing.decode_ms / 1000
         if len(rows) > 1:
             log.info("batch of %d requests (%d refused)", len(rows), len(rows) - len(parsed))
         for i, answer in zip(good, self.answer(parsed)):
             answers[i] = answer
+        if self.sink is not None:
+            observe.emit(self.stats, self.name, self.version, self.sink)
         return answers  # type: ignore[return-value]
 
     def predict(self, data: bytes, threshold: float | None = None, response_format: str = "detailed") -> Any:

@@ -3,7 +3,8 @@
 Both paths use the same decoding, the same model code and the same response schema, so their
 metrics agree; the served path measures what users get. Metrics come from pycocotools: the 12
 standard bbox numbers, per-class AP, and F2 (recall-weighted F-beta) at IoU 0.5. The report
-folder holds ``metrics.json``, ``report.md``, precision-recall and F2 curves and annotated samples.
+folder holds ``metrics.json``, ``report.md``, precision-recall and F2 curves, annotated samples, and
+``drift_baseline.json`` (the split binned as ``make drift`` reads live traffic).
 """
 
 from __future__ import annotations
@@ -336,6 +337,9 @@ def evaluate(dataset: str | Path, split: str = "test", *, model: str = "shapes",
     result = {"model": name, "version": version, **base, "seconds": round(time.time() - t0, 1),
               "failures": failures, "metrics": metrics, "report": str(out)}
     write_report(out, result, picked)
+    from serve_demo.monitor.drift import baseline_from_evaluation
+
+    baseline_from_evaluation(out, folder, coco, payloads, threshold, name, version, str(dataset), split)
     return result
 
 

@@ -100,6 +100,7 @@ def build_model_class():
 
     from serve_demo.core.envelopes import OUTPUT_NAME
     from serve_demo.core.loader import open_archive
+    from serve_demo.core.observe import PrometheusSink
     from serve_demo.core.schema import ImageAnswer
     from serve_demo.core.worker import Detector
 
@@ -126,6 +127,7 @@ def build_model_class():
             # built in the thread that will run it: torch's thread settings and OpenMP pool are per
             # thread, and a model built in one thread and run in another answered 1.7x slower here
             self.detector = self._pool.submit(Detector, self.files, self.device, self.threads).result()
+            self.detector.attach_metrics(PrometheusSink())  # the same names as TorchServe's :8082, on /metrics
             config = self.detector.files.config
             self.version = self.detector.version
             self.batch_size = max(1, int(config.get("batchSize", 1)))

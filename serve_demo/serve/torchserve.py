@@ -123,6 +123,9 @@ class TorchServe:
             "load_models": self.models,
             "vmargs": f"-Xmx1g -XX:+UseContainerSupport -Djava.io.tmpdir={self.tmp}",
         })
+        metrics = self.base_config.parent / "metrics.yaml"  # beside the config, here and in the image
+        if metrics.is_file():
+            props["metrics_config"] = str(metrics)
         props.update(self.overrides)
         self.home.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(exist_ok=True)

@@ -1,0 +1,126 @@
+"""A local Prometheus with the shipped configuration (``make prometheus``, and the tests).
+
+``docker/prometheus/prometheus.yml`` with only the scrape target, the intervals and the rule
+file's path changed; data, log and pid file in ``HOME`` (default ``build/prometheus``). It scrapes
+``make serve``'s (or ``make docker-run``'s) metrics API and evaluates ``alerts.yml``, so
+``make drift`` and ``make dashboard`` have something to read without Docker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+import yaml
+
+from serve_demo.core import defaults
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "docker" / "prometheus"
+
+
+class LocalPrometheus:
+    """One Prometheus process scraping ``target``."""
+
+    def __init__(self, home: Path, target: str, port: int = 9090, interval: str = "5s",
+                 config_dir: Path = CONFIG_DIR) -> None:
+        self.home, self.target, self.port, self.interval = Path(home), target, port, interval
+        self.config_dir = config_dir
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid_file(self) -> Path:
+        return self.home / "prometheus.pid"
+
+    def write_config(self) -> Path:
+        cfg = yaml.safe_load((self.config_dir / "prometheus.yml").read_text())
+        cfg["global"].update({"scrape_interval": self.interval, "evaluation_interval": self.interval})
+        cfg["rule_files"] = [str(self.config_dir / "alerts.yml")]
+        cfg["scrape_configs"][0]["static_configs"][0]["targets"] = [self.target]
+        self.home.mkdir(parents=True, exist_ok=True)
+        path = self.home / "prometheus.yml"
+        path.write_text(f"# generated from {self.config_dir / 'prometheus.yml'}\n" + yaml.safe_dump(cfg))
+        return path
+
+    def start(self, timeout: float = 60) -> None:
+        exe = shutil.which("prometheus")
+        if exe is None:
+            raise RuntimeError("prometheus is not installed: `make prometheus-tools` (Debian: apt-get install "
+                               "prometheus), or use docker/compose.yaml")
+        config = self.write_config()
+        log = open(self.home / "prometheus.log", "ab")
+        self.proc = subprocess.Popen([exe, f"--config.file={config}", f"--storage.tsdb.path={self.home / 'data'}",
+                                      f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.pid_file.write_text(str(self.proc.pid))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Prometheus exited: {(self.home / 'prometheus.log').read_text()[-1500:]}")
+            time.sleep(0.3)
+        raise TimeoutError(f"Prometheus not ready after {timeout:.0f} s (log: {self.home / 'prometheus.log'})")
+
+    def stop(self, timeout: float = 30) -> bool:
+        pid = self.proc.pid if self.proc else (int(self.pid_file.read_text()) if self.pid_file.is_file() else None)
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.proc is not None:
+                    if self.proc.poll() is not None:
+                        break
+                else:
+                    os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", default="build/prometheus", help="config, data, log and pid file")
+    p.add_argument("--target", default=f"127.0.0.1:{defaults.port('METRICS_PORT')}",
+                   help="TorchServe's metrics address (make serve, make docker-run)")
+    p.add_argument("--port", type=int, default=9090)
+    p.add_argument("--interval", default="5s", help="scrape and rule evaluation interval")
+    p.add_argument("--stop", action="store_true", help="stop the Prometheus of HOME")
+
+
+def main(args: argparse.Namespace) -> int:
+    prom = LocalPrometheus(Path(args.home), args.target, args.port, args.interval)
+    if args.stop:
+        print("Prometheus stopped" if prom.stop() else f"no Prometheus running from {args.home}")
+        return 0
+    if prom.pid_file.is_file():
+        print(f"a Prometheus of {args.home} already runs (pid {prom.pid_file.read_text()}); "
+              "`make prometheus-stop` first", file=sys.stderr)
+        return 2
+    try:
+        prom.start()
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"prometheus: {exc}", file=sys.stderr)
+        return 2
+    print(f"Prometheus at {prom.url} scraping {args.target} every {args.interval}, alerts from "
+          f"{CONFIG_DIR / 'alerts.yml'}; data in {args.home}. Then: make drift, make dashboard; "
+          "make prometheus-stop")
+    return 0
