@@ -331,11 +331,15 @@ def test_capture_keeps_uncertain_images_and_collect_makes_a_dataset(mon, tmp_pat
     for i in range(6):
         assert post(ts, "fixedcap", encode(synth_image(i, (200 + 10 * i, 150)))).status_code == 200
     root = ts.home / "capture" / "fixedcap-1.0"
+
+    def written() -> list[dict]:  # the writer thread appends a line after it wrote the image
+        return [json.loads(x) for f in root.glob("predictions-*.jsonl") for x in f.read_text().splitlines()]
+
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and len(list((root / "images").glob("*.jpg"))) < 6:
+    while time.monotonic() < deadline and len(written()) < 6:
         time.sleep(0.2)
     assert len(list((root / "images").glob("*.jpg"))) == 6
-    lines = [json.loads(x) for f in root.glob("predictions-*.jsonl") for x in f.read_text().splitlines()]
+    lines = written()
     assert len(lines) == 6 and {d["label"] for d in lines[0]["detections"]} == {"circle", "square", "7"}
     assert prom.wait_for('CaptureSaved{ModelName="fixedcap",ModelVersion="1.0"}', 6) == 6
     assert not (ts.home / "capture" / "fixed-1.0").exists()  # off unless the archive says so
