@@ -250,7 +250,7 @@ demo: data $(NEEDS_DATA) ## end to end: setup, data, archive the committed model
 		--url http://127.0.0.1:$(INFERENCE_PORT)
 	@echo "annotated picture: $(DRAW); TorchServe keeps running (make stop); look at it in a browser: make ui"
 
-test: $(STAMP) $(BROWSER) $(PROMETHEUS_BIN) ## run the test suite: unit, integration, real TorchServe and KServe servers, Chromium, the image
+test: $(STAMP) $(BROWSER) $(PROMETHEUS_BIN) ## run the test suite: unit, integration, real TorchServe + KServe, Prometheus, Chromium, the image
 	@$(MAKE) --no-print-directory docker-build
 	$(PY) -m pytest tests -q
 
