@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
+from .drift import DriftError, Prometheus
 
 GRAFANA_JSON = Path("docker/grafana/dashboards/serve-demo.json")
 
@@ -94,14 +94,6 @@ def write_grafana(path: Path = GRAFANA_JSON) -> Path:
     return path
 
 
-def _get(url: str, path: str, **params) -> list[dict]:
-    r = requests.get(f"{url.rstrip('/')}{path}", params=params, timeout=15)
-    body = r.json()
-    if body.get("status") != "success":
-        raise RuntimeError(f"Prometheus refused {params.get('query')!r}: {body.get('error')}")
-    return body["data"]["result"]
-
-
 def legend(template: str, labels: dict) -> str:
     out = template
     for k, v in labels.items():
@@ -116,6 +108,7 @@ def render(prometheus: str, out: Path, minutes: float = 30, end: float | None = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    prom = Prometheus(prometheus, timeout=15)
     end = end or time.time()
     start = end - minutes * 60
     rows = (len(PANELS) + 2) // 3
@@ -124,13 +117,13 @@ def render(prometheus: str, out: Path, minutes: float = 30, end: float | None = 
         ax.set_title(p.title, fontsize=10)
         if p.kind == "bars":
             series = [(legend(q.legend, s["metric"]), float(s["value"][1]))
-                      for q in p.queries for s in _get(prometheus, "/api/v1/query", query=q.expr, time=end)]
+                      for q in p.queries for s in prom.query(q.expr, end)]
             series.sort()
             ax.bar([k for k, _ in series], [v for _, v in series], color="tab:blue")
             ax.tick_params(axis="x", labelrotation=60, labelsize=7)
         else:
             for q in p.queries:
-                for s in _get(prometheus, "/api/v1/query_range", query=q.expr, start=start, end=end, step=step):
+                for s in prom.query_range(q.expr, start, end, step):
                     xs = [(float(t) - end) / 60 for t, _ in s["values"]]
                     ys = [float(v) if v not in ("NaN", "+Inf", "-Inf") else float("nan") for _, v in s["values"]]
                     ax.plot(xs, ys, label=legend(q.legend, s["metric"]), linewidth=1.2)
@@ -162,9 +155,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     try:
         path = render(args.prometheus, Path(args.out), args.minutes)
-    except (requests.RequestException, RuntimeError) as exc:
-        print(f"dashboard: {exc} (is Prometheus running and scraping the server? docker/compose.yaml)",
-              file=sys.stderr)
+    except DriftError as exc:  # Prometheus unreachable or refusing a query
+        print(f"dashboard: {exc}", file=sys.stderr)
         return 2
     print(f"dashboard: {path}")
     return 0

@@ -119,17 +119,26 @@ def baseline_from_evaluation(out: Path, folder: Path, coco: dict, payloads: dict
 
 
 class Prometheus:
-    """The few calls of Prometheus' HTTP API drift needs."""
+    """The few calls of Prometheus' HTTP API that drift and the dashboard need."""
 
     def __init__(self, url: str, timeout: float = 10) -> None:
         self.url, self.timeout = url.rstrip("/"), timeout
 
     def query(self, expr: str, at: float | None = None) -> list[dict]:
+        """An instant vector (``[{"metric": ..., "value": [t, v]}]``)."""
         params: dict[str, Any] = {"query": expr}
         if at is not None:
             params["time"] = f"{at:.3f}"
+        return self._get("/api/v1/query", params)
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
+        """A range matrix (``[{"metric": ..., "values": [[t, v], ...]}]``)."""
+        return self._get("/api/v1/query_range", {"query": expr, "start": start, "end": end, "step": step})
+
+    def _get(self, path: str, params: dict[str, Any]) -> list[dict]:
+        expr = params["query"]
         try:
-            r = requests.get(f"{self.url}/api/v1/query", params=params, timeout=self.timeout)
+            r = requests.get(f"{self.url}{path}", params=params, timeout=self.timeout)
         except requests.RequestException as exc:
             raise DriftError(f"Prometheus at {self.url} does not answer ({exc}); start it "
                              "(docker/compose.yaml, or point --prometheus at yours)") from None
