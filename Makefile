@@ -92,7 +92,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON_SYS) scripts/check_java.py
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,int8]'
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create .venv with pinned torch/torchserve and check Java 11+

@@ -15,7 +15,7 @@ import time
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from serve_demo.core.observe import TorchServeSink
+from serve_demo.core.observe import TorchServeSink, quiet_per_request_lines
 from serve_demo.core.worker import Detector
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class DetectorHandler(BaseHandler):
                                                 getattr(context, "model_yaml_config", None), device)
         if hasattr(context.metrics, "add_metric_to_cache"):  # detection metrics on :8082 (docker/metrics.yaml)
             self.detector.attach_metrics(TorchServeSink(context.metrics))
+        quiet_per_request_lines()
         self.context = context
         self.initialized = True
 

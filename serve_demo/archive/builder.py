@@ -30,6 +30,9 @@ from serve_demo.core.config import LABEL_FILE, HandlerConfig
 from serve_demo.core.loader import duplicate_labels, load_detector, read_label_map
 from serve_demo.core.models import DEMO_ARCH, available_archs, fit_state_dict, load_state_dict_file, task_of
 from serve_demo.core.pipeline import keypoint_names_for
+from serve_demo.core.runtime import PRECISIONS, RUNTIMES, RuntimeConfig
+
+from . import accelerate
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,8 @@ class ArchiveSpec:
     response_format: str = defaults.RESPONSE_FORMAT
     batch_size: int = 1
     max_batch_delay: int = 20  # ms
-    workers: int = 1
-    threads: int = 0  # torch threads per worker; 0: cores / workers
+    workers: int = 0  # workers for this model; 0: the serving machine's layout (core.layout.cpu_layout)
+    threads: int = 0  # torch/runtime threads per worker; 0: the serving machine's layout
     mask_threshold: float = defaults.MASK_THRESHOLD
     keypoint_names: str | None = None  # path of a JSON list of names
     model_kwargs: dict = field(default_factory=dict)
@@ -74,6 +77,11 @@ class ArchiveSpec:
     channels_last: bool = False
     pin_memory: bool = False
     capture_rate: float = 0.0  # > 0: keep this share of the uncertain images for labelling (handler.capture)
+    runtime: str = "eager"  # eager | onnxruntime | openvino | auto (the fastest that passes parity here)
+    precision: str = "fp32"  # openvino only: bf16 / int8 skip pixel parity and must pass the promotion gate
+    parity_data: str | None = None  # COCO dataset root whose parity_split images gate an accelerated runtime
+    parity_split: str = "valid"
+    parity_images: int = 16
     export_path: str = defaults.MODEL_STORE
     build_dir: str = "build/archive"
     no_check: bool = False
@@ -111,8 +119,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--response-format", default=_D.response_format, choices=defaults.FORMATS)
     p.add_argument("--batch-size", type=int, default=_D.batch_size, help="TorchServe batchSize")
     p.add_argument("--max-batch-delay", type=int, default=_D.max_batch_delay, help="TorchServe maxBatchDelay (ms)")
-    p.add_argument("--workers", type=int, default=_D.workers, help="workers for this model")
-    p.add_argument("--threads", type=int, default=_D.threads, help="torch threads per worker (0: cores / workers)")
+    p.add_argument("--workers", type=int, default=_D.workers,
+                   help="workers for this model (default 0: one per CPU of the serving machine up to 16, "
+                        "one per GPU)")
+    p.add_argument("--threads", type=int, default=_D.threads,
+                   help="torch/runtime threads per worker (default 0: the serving machine's CPUs / workers)")
+    rt = p.add_argument_group("runtime (docs/performance.md): the dense layers in an accelerated CPU runtime, "
+                              "gated by parity with eager on validation images")
+    rt.add_argument("--runtime", default=_D.runtime, choices=(*RUNTIMES, "auto"),
+                    help="eager (torch), onnxruntime, openvino, or auto: the fastest that passes parity on "
+                         "this machine (default eager)")
+    rt.add_argument("--precision", default=_D.precision, choices=PRECISIONS,
+                    help="openvino only: bf16 or int8 (NNCF post-training quantization on the parity images) "
+                         "are not bit-close, so they skip pixel parity and must pass make promote's mAP gate")
+    rt.add_argument("--parity-data", default=_D.parity_data, metavar="DATASET",
+                    help="COCO dataset root whose --parity-split images gate the runtime (required with one)")
+    rt.add_argument("--parity-split", default=_D.parity_split)
+    rt.add_argument("--parity-images", type=int, default=_D.parity_images, help="images compared (and used "
+                    "to calibrate int8)")
     p.add_argument("--mask-threshold", type=float, default=_D.mask_threshold,
                    help=f"mask models: pixel probability kept in the RLE mask (default {_D.mask_threshold})")
     p.add_argument("--keypoint-names", default=_D.keypoint_names, metavar="JSON",
@@ -147,11 +171,15 @@ def parse_model_kwargs(raw: str | None) -> dict:
     return kwargs
 
 
-def model_config(spec: ArchiveSpec, arch: str | None) -> dict:
-    """The archive's ``model-config.yaml``: TorchServe keys plus the handler's section."""
-    threads = spec.threads or max(1, (os.cpu_count() or 1) // max(1, spec.workers))
+def model_config(spec: ArchiveSpec, arch: str | None, runtime: RuntimeConfig | None = None) -> dict:
+    """The archive's ``model-config.yaml``: TorchServe keys plus the handler's section.
+
+    Workers and threads left at 0 are decided where the archive is served: TorchServe starts
+    ``default_workers_per_model`` workers (written from :func:`serve_demo.core.layout.cpu_layout`
+    by ``make serve`` and the image), and each worker takes its share of the CPUs.
+    """
     handler = {"threshold": spec.threshold, "response_format": spec.response_format,
-               "threads": threads}
+               "threads": spec.threads}
     if arch:
         handler["arch"] = arch
     if task_of(arch) == "masks":
@@ -166,9 +194,12 @@ def model_config(spec: ArchiveSpec, arch: str | None) -> dict:
             handler[option] = True
     if spec.capture_rate:
         handler["capture"] = {"enabled": True, "rate": spec.capture_rate}
+    if runtime is not None and runtime.accelerated:
+        handler["runtime"] = {"name": runtime.name, "precision": runtime.precision}
     HandlerConfig.from_yaml(handler)  # same validation as the worker
-    return {"minWorkers": spec.workers, "maxWorkers": spec.workers, "batchSize": spec.batch_size,
-            "maxBatchDelay": spec.max_batch_delay, "responseTimeout": 120, "handler": handler}
+    workers = {"minWorkers": spec.workers, "maxWorkers": spec.workers} if spec.workers > 0 else {}
+    return {**workers, "batchSize": spec.batch_size, "maxBatchDelay": spec.max_batch_delay, "responseTimeout": 120,
+            "handler": handler}
 
 
 def keypoint_names_arg(spec: ArchiveSpec) -> list[str] | None:
@@ -312,6 +343,8 @@ def build(spec: ArchiveSpec) -> Path:
     stage_extra_files(stage, labels_path)
     tmp.mkdir()
     model_file = Path(spec.model_file).resolve() if spec.model_file else PACKAGE / CORE / "models.py"
+    if spec.runtime not in (*RUNTIMES, "auto"):
+        raise ArchiveError(f"runtime {spec.runtime!r} is not one of {', '.join((*RUNTIMES, 'auto'))}")
     config = model_config(spec, arch)
     (build_dir / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     cfg = HandlerConfig.from_yaml(config["handler"])
@@ -323,6 +356,14 @@ def build(spec: ArchiveSpec) -> Path:
         elapsed = check_model(stage, weights, model_file if spec.model_file else None, cfg, labels)
         log.info("checked: %s loads from %s and answers one 320x240 image in %.0f ms",
                  arch or model_file.name, weights.name, elapsed * 1000)
+    if spec.runtime != "eager":
+        if spec.no_check:
+            raise ArchiveError("an accelerated runtime needs the check (its parity gate): drop --no-check")
+        chosen = accelerate.choose(spec, stage, weights, model_file if spec.model_file else None, cfg, labels,
+                                   build_dir)
+        if chosen.accelerated:
+            config = model_config(spec, arch, chosen)
+            (build_dir / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     export = Path(spec.export_path).resolve()
     export.mkdir(parents=True, exist_ok=True)

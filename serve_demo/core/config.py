@@ -24,7 +24,7 @@ class HandlerConfig:
     response_format: str = defaults.RESPONSE_FORMAT
     max_image_pixels: int = defaults.MAX_IMAGE_PIXELS
     max_response_bytes: int = defaults.MAX_RESPONSE_SIZE  # image answers larger than this get 413
-    threads: int = 0  # torch threads per worker; 0 keeps torch's default
+    threads: int = 0  # torch/runtime threads per worker; 0: the machine's layout (core.layout.cpu_layout)
     fp16: bool = False  # autocast on CUDA only
     gpu_decode: bool = False  # CUDA only: nvjpeg for plain JPEGs (torchvision.io.decode_jpeg(device=...))
     channels_last: bool = False  # convolution weights in NHWC (CUDA tensor cores; oneDNN on CPU)
@@ -33,6 +33,7 @@ class HandlerConfig:
     mask_threshold: float = defaults.MASK_THRESHOLD  # mask models: probability at which a pixel belongs to the mask
     keypoint_names: list | None = None  # keypoint models; None: COCO's 17 names, else kp_0, kp_1, ...
     capture: dict | None = None  # opt-in capture of uncertain images for labelling (core.capture.CaptureConfig)
+    runtime: dict | str | None = None  # dense parts in onnxruntime/openvino (core.runtime.RuntimeConfig); None: eager
 
     @classmethod
     def from_yaml(cls, section: dict | None) -> HandlerConfig:
@@ -52,6 +53,9 @@ class HandlerConfig:
             from .capture import CaptureConfig
 
             CaptureConfig.from_yaml(cfg.capture)
+        from .runtime import RuntimeConfig
+
+        RuntimeConfig.from_yaml(cfg.runtime)
         if cfg.response_format not in defaults.FORMATS:
             raise ValueError(f"model-config.yaml handler.response_format must be one of {defaults.FORMATS}")
         if int(cfg.max_image_pixels) < 1 or int(cfg.threads) < 0 or int(cfg.max_response_bytes) < 1:

@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import LABEL_FILE, HandlerConfig
 from .models import build_model, load_state_dict_file, load_weights, task_of
+from .runtime import RUNTIME_DIR, RuntimeConfig, accelerate
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,9 @@ def load_detector(model_dir: str | Path, weights: str | None, model_file: str | 
     model = model.to(device).eval()
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    runtime = RuntimeConfig.from_yaml(cfg.runtime)
+    if runtime.accelerated:
+        accelerate(model, model_dir / RUNTIME_DIR, runtime, torch.get_num_threads(), device)
     return model
 
 

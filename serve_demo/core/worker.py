@@ -22,8 +22,10 @@ from .capture import CaptureConfig, Capturer
 from .config import LABEL_FILE, HandlerConfig
 from .envelopes import Parsed, error_answer, is_enveloped, parse_row, wrap
 from .imaging import RequestError, decode_image
+from .layout import worker_threads
 from .loader import ArchiveFiles, configure_threads, load_detector, open_archive, read_label_map
 from .pipeline import Request, format_output, run_detector
+from .runtime import RuntimeConfig
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
@@ -63,8 +65,9 @@ class Detector:
     Args:
         files: the archive on disk (:func:`serve_demo.core.loader.open_archive`).
         device: where the model runs (``cpu``, ``cuda:N``).
-        threads: torch intra-op threads to set (None: ``handler.threads`` of the archive; 0: leave
-            the process's setting alone).
+        threads: torch intra-op threads to set (None: ``handler.threads`` of the archive, where 0 means
+            the machine's layout, :func:`serve_demo.core.layout.cpu_layout`; 0: leave the process's
+            setting alone).
     """
 
     def __init__(self, files: ArchiveFiles, device: torch.device | str = "cpu",
@@ -72,7 +75,14 @@ class Detector:
         self.files = files
         self.device = torch.device(device)
         self.cfg = HandlerConfig.from_yaml(files.config.get("handler"))
-        configure_threads(self.cfg.threads if threads is None else threads)
+        self.runtime = RuntimeConfig.from_yaml(self.cfg.runtime)
+        if self.runtime.name == "openvino" and self.device.type != "cpu":
+            log.warning("this archive runs in OpenVINO, on the CPU: %s is not used (archive RUNTIME=eager or "
+                        "onnxruntime for the GPU)", self.device)
+            self.device = torch.device("cpu")
+        if threads is None:  # a server's worker: the archive's threads, or the machine's layout
+            threads = worker_threads(files.config) if self.device.type == "cpu" else self.cfg.threads
+        configure_threads(threads)
         self.name, self.version = files.name, files.version
         self.names = read_label_map(files.model_dir / LABEL_FILE)
         model_dir = str(files.model_dir)
@@ -90,8 +100,9 @@ class Detector:
         self.sink: observe.Sink | None = None  # the server's metrics (observe.TorchServeSink, PrometheusSink)
         capture = CaptureConfig.from_yaml(self.cfg.capture)
         self.capturer = Capturer(capture, self.name, self.version, self.names) if capture.enabled else None
-        log.info("%s %s ready on %s: %d classes, threshold %.2f, format %s", self.name, self.version,
-                 self.device, len(self.names) - 1, self.cfg.threshold, self.cfg.response_format)
+        log.info("%s %s ready on %s (%s, %d threads): %d classes, threshold %.2f, format %s", self.name,
+                 self.version, self.device, self.runtime.label, torch.get_num_threads(), len(self.names) - 1,
+                 self.cfg.threshold, self.cfg.response_format)
 
     def attach_metrics(self, sink: observe.Sink) -> None:
         """Emit each batch's :class:`~serve_demo.core.observe.BatchStats` to ``sink`` (and count this load)."""

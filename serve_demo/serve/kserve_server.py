@@ -99,6 +99,7 @@ def build_model_class():
     from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
     from serve_demo.core.envelopes import OUTPUT_NAME
+    from serve_demo.core.layout import available_cpus
     from serve_demo.core.loader import open_archive
     from serve_demo.core.observe import PrometheusSink
     from serve_demo.core.schema import ImageAnswer
@@ -115,7 +116,10 @@ def build_model_class():
         """An archive's detector as a KServe model; batches requests like TorchServe's frontend."""
 
         def __init__(self, archive: Path, device: str = "cpu", threads: int | None = None) -> None:
-            self.files, self.device, self.threads = open_archive(archive), device, threads
+            self.files, self.device = open_archive(archive), device
+            # one process serves every request here: the archive's threads, else every CPU
+            self.threads = threads if threads is not None else (
+                int((self.files.config.get("handler") or {}).get("threads") or 0) or available_cpus())
             self.detector: Detector | None = None
             super().__init__(self.files.name)
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detector")
@@ -309,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"largest request body in bytes, HTTP and gRPC (default {defaults.MAX_REQUEST_SIZE}, "
                         "as TorchServe's max_request_size)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: the archive's handler.threads)")
+                   help="torch threads (default: the archive's handler.threads, else every CPU this process may use)")
     args, _ = p.parse_known_args(argv)  # kserve reads its own flags (--http_port, --grpc_port, ...)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not any(a.startswith("--grpc_max_receive_message_length") for a in sys.argv):

@@ -24,6 +24,7 @@ from pathlib import Path
 import requests
 
 from serve_demo.core import defaults
+from serve_demo.core.layout import WORKERS_ENV, count_gpus, cpu_layout, gpu_layout
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,19 @@ class TorchServe:
         env = dict(os.environ)
         env.update({"TMPDIR": str(self.tmp), "LOG_LOCATION": str(self.home / "logs"),
                     "METRICS_LOCATION": str(self.home / "logs")})
+        env[WORKERS_ENV] = str(self.default_workers())
         env.update(self.environment)
         return env
+
+    def default_workers(self) -> int:
+        """Workers per model that does not fix its own: the base config's ``default_workers_per_model``
+        if it sets one, else one per GPU, else the CPU layout's (:func:`serve_demo.core.layout.cpu_layout`).
+        Workers read it from ``SERVE_DEMO_WORKERS`` to take their share of the CPUs."""
+        fixed = read_properties(self.base_config).get("default_workers_per_model", "").strip()
+        if fixed.isdigit() and int(fixed) > 0:
+            return int(fixed)
+        gpus = count_gpus()
+        return gpu_layout(gpus).workers if gpus else cpu_layout().workers
 
     def write_config(self) -> Path:
         """The base config with this instance's addresses and folders."""
@@ -122,10 +134,14 @@ class TorchServe:
             "allowed_urls": f"file://{self.model_store}/.*",
             "load_models": self.models,
             "vmargs": f"-Xmx1g -XX:+UseContainerSupport -Djava.io.tmpdir={self.tmp}",
+            "default_workers_per_model": str(self.default_workers()),
         })
         metrics = self.base_config.parent / "metrics.yaml"  # beside the config, here and in the image
         if metrics.is_file():
             props["metrics_config"] = str(metrics)
+        logging_config = self.base_config.parent / "log4j2.xml"  # without the per-request lines
+        if logging_config.is_file():
+            props["vmargs"] += f" -Dlog4j.configurationFile={logging_config}"
         props.update(self.overrides)
         self.home.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(exist_ok=True)
