@@ -29,6 +29,14 @@ MASK_THRESHOLD ?=
 MODEL_KWARGS ?=
 GPU_OPTIONS ?=
 BATCH_SIZE ?= 1
+# the dense layers' runtime (docs/performance.md): auto = the fastest that passes the parity gate on this
+# machine's PARITY_DATA/PARITY_SPLIT images (eager when none is faster); eager | onnxruntime | openvino
+RUNTIME    ?= auto
+PRECISION  ?= fp32
+PARITY_SPLIT ?= valid
+# workers x threads per worker: empty = the serving machine's layout (docs/performance.md)
+WORKERS    ?=
+THREADS    ?=
 DATA       ?= data/shapes
 MASK_DATA  ?= data/shapes_masks
 DATASET    ?= $(if $(filter shapes_masks,$(NAME)),$(MASK_DATA),$(DATA))
@@ -43,6 +51,7 @@ BASE_IMAGE ?= debian:bookworm-slim
 CONTAINER_NAME ?= serve-demo
 PUBLISH    ?= 127.0.0.1
 GPUS       ?= auto
+BENCH_MODELS ?= demo,frcnn
 READ_ONLY  ?=
 MEMORY     ?=
 USERS      ?= 20
@@ -58,6 +67,7 @@ CAPTURE    ?=
 WINDOW     ?= 1h
 PROMETHEUS_URL ?= http://127.0.0.1:9090
 COLLECT_OUT ?= data/collected
+PARITY_DATA ?= $(DATASET)
 export INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT GRPC_INFERENCE_PORT GRPC_MANAGEMENT_PORT
 
 MAR        = $(MODEL_STORE)/$(NAME)-$(VERSION).mar
@@ -70,6 +80,9 @@ ARCHIVE_ARGS = --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
 	$(if $(FORMAT),--response-format $(FORMAT)) $(if $(MASK_THRESHOLD),--mask-threshold $(MASK_THRESHOLD)) \
 	$(if $(MODEL_KWARGS),--model-kwargs '$(MODEL_KWARGS)') $(if $(WEIGHTS_PREFIX),--weights-prefix $(WEIGHTS_PREFIX)) \
 	$(if $(KEEP_DUPLICATE_LABELS),--keep-duplicate-labels) $(if $(CAPTURE),--capture-rate $(CAPTURE)) \
+	--runtime $(RUNTIME) --precision $(PRECISION) \
+	$(if $(filter-out eager,$(RUNTIME)),--parity-data $(PARITY_DATA) --parity-split $(PARITY_SPLIT)) \
+	$(if $(WORKERS),--workers $(WORKERS)) $(if $(THREADS),--threads $(THREADS)) \
 	--export-path $(MODEL_STORE) $(GPU_OPTIONS)
 URLS       := --url http://127.0.0.1:$(INFERENCE_PORT) --management-url http://127.0.0.1:$(MANAGEMENT_PORT)
 MGMT_URL   := --management-url http://127.0.0.1:$(MANAGEMENT_PORT)
@@ -79,6 +92,9 @@ EVAL_ARGS  := --dataset $(DATASET) --split $(SPLIT) --threshold $(THRESHOLD) $(i
 # the synthetic data is generated on demand; a user's DATASET must exist
 NEEDS_DATA := $(if $(filter $(DATA),$(DATASET)),$(DATA)/.synth.json) \
 	$(if $(filter $(MASK_DATA),$(DATASET)),$(MASK_DATA)/.synth.json)
+# an accelerated archive's parity gate runs PARITY_DATA's images
+PARITY_NEEDS := $(if $(filter-out eager,$(RUNTIME)),$(if $(filter $(DATA),$(PARITY_DATA)),$(DATA)/.synth.json) \
+	$(if $(filter $(MASK_DATA),$(PARITY_DATA)),$(MASK_DATA)/.synth.json))
 
 .PHONY: help setup check-env data data-masks pennfudan train train-demo train-masks archive serve stop predict evaluate demo test test-unit lint format clean \
 	register versions promote rollback compare key loadtest soak docker-build docker-run docker-stop docker-key sbom \
@@ -126,10 +142,10 @@ train-masks: data-masks ## retrain the committed mask model from the demo's back
 	$(PY) -m serve_demo train --data $(MASK_DATA) --name shapes_masks --arch maskrcnn_tiny --epochs 3 \
 		--batch-size 8 --lr 2e-3 --seed 0 --eval-every 1 --threads 2 --init-backbone weights/shapes.pt --fp16
 
-$(MAR): $(WEIGHTS) $(LABELS) $(wildcard serve_demo/core/*.py handlers/*.py) | $(STAMP)
+$(MAR): $(WEIGHTS) $(LABELS) $(wildcard serve_demo/core/*.py handlers/*.py) | $(STAMP) $(PARITY_NEEDS)
 	$(PY) -m serve_demo archive $(ARCHIVE_ARGS)
 
-archive: $(STAMP) ## bundle WEIGHTS (state_dict or Lightning .ckpt) + LABELS (+ MODEL_FILE) into model-store/NAME-VERSION.mar
+archive: $(PARITY_NEEDS) | $(STAMP) ## bundle WEIGHTS + LABELS (+ MODEL_FILE) into model-store/NAME-VERSION.mar; RUNTIME=auto|eager|onnxruntime|openvino, PRECISION, WORKERS, THREADS
 	$(PY) -m serve_demo archive $(ARCHIVE_ARGS)
 
 serve: $(STAMP) ## start TorchServe (SERVER=kserve: KServe's ModelServer) on the recorded versions, wait until ready
@@ -166,8 +182,8 @@ sbom: $(STAMP) ## CycloneDX SBOM of IMAGE_TAG's Python packages -> reports/sbom/
 container-engine: ## check for docker/podman; install podman (root + apt-get) when there is none
 	@$(CONTAINER) engine
 
-bench: $(NEEDS_DATA) | $(STAMP) ## benchmark: in-process limit, our handler (sweep), stock handler, KServe server, LitServe -> reports/bench
-	$(PY) -m serve_demo bench --dataset $(DATASET) --split $(SPLIT)
+bench: $(DATA)/.synth.json | $(STAMP) ## on a quiet machine: in-process eager + runtimes vs ours, stock, LitServe (BENCH_MODELS) -> reports/bench
+	$(PY) -m serve_demo bench --models $(BENCH_MODELS) --dataset $(DATA) --split $(SPLIT)
 
 key: ## print the running server's inference key (curl ... -H "Authorization: Bearer $$(make -s key)")
 	@$(PY) -c "from serve_demo.serve.management import read_key; import sys; k = read_key('$(HOME_DIR)', 'inference'); \

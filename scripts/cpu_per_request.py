@@ -1,10 +1,10 @@
 """CPU time per request of every process of a server, TorchServe against LitServe.
 
-    make bench                                # builds build/bench/store (ours0 = 1 worker x 2 threads)
+    make bench BENCH_MODELS=demo              # builds build/bench/demo/store (shipped, eager archives)
     .venv/bin/python scripts/cpu_per_request.py [--requests 120]
 
-Starts TorchServe with `ours0-1.0.mar` and then LitServe on the same archive, sends the same
-requests at concurrency 4, and prints the CPU milliseconds each process used per request
+Starts TorchServe with `shipped-1.0.mar` (make archive's defaults) and then LitServe on the eager
+archive, sends the same requests at concurrency 4, and prints the CPU milliseconds each process used per request
 (psutil user + system), with the throughput. On a CPU-bound machine, throughput is about
 cores x 1000 / (total CPU ms per request), so this shows which process costs what.
 docs/performance.md has the figures.
@@ -48,7 +48,7 @@ def report(name: str, rate: float, per: dict[str, float]) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default="build/bench/store")
+    p.add_argument("--store", default="build/bench/demo/store")
     p.add_argument("--requests", type=int, default=120)
     p.add_argument("--port", type=int, default=18660)
     p.add_argument("--metrics-mode", default="prometheus", choices=("prometheus", "log"),
@@ -56,24 +56,25 @@ def main() -> int:
     p.add_argument("--torchserve-only", action="store_true", help="skip the LitServe measurement")
     args = p.parse_args()
     store = Path(args.store)
-    if not (store / "ours0-1.0.mar").exists():
-        print(f"{store}/ours0-1.0.mar is missing: run `make bench` first", file=sys.stderr)
+    if not (store / "shipped-1.0.mar").exists():
+        print(f"{store}/shipped-1.0.mar is missing: run `make bench BENCH_MODELS=demo` first", file=sys.stderr)
         return 2
     images = load_images(Path("data/shapes"), "test", 40)
 
-    ts = start_torchserve(Path("build/bench/cpu-acct"), store, "ours0-1.0.mar", args.metrics_mode)
+    ts = start_torchserve(Path("build/bench/cpu-acct"), store, "shipped-1.0.mar", args.metrics_mode)
     try:
-        desc = requests.get(f"{ts.management_url}/models/ours0", headers=ts.auth(), timeout=5).json()[0]
-        procs = {"JVM frontend": psutil.Process(ts.pid()), "worker": psutil.Process(desc["workers"][0]["pid"])}
-        send = multipart_sender(f"{ts.inference_url}/predictions/ours0", ts.auth("inference"))
-        report(f"TorchServe (metrics_mode={args.metrics_mode}), 1 worker x 2 threads",
+        desc = requests.get(f"{ts.management_url}/models/shipped", headers=ts.auth(), timeout=5).json()[0]
+        procs = {"JVM frontend": psutil.Process(ts.pid())}
+        procs.update({f"worker {w['pid']}": psutil.Process(w["pid"]) for w in desc["workers"]})
+        send = multipart_sender(f"{ts.inference_url}/predictions/shipped", ts.auth("inference"))
+        report(f"TorchServe (metrics_mode={args.metrics_mode}), {len(desc['workers'])} workers, shipped defaults",
                *account(procs, send, images, args.requests))
     finally:
         ts.stop()
     if args.torchserve_only:
         return 0
 
-    with litserve_server(store / "ours0-1.0.mar", 1, 2, args.port) as proc:
+    with litserve_server(store / "eager-1.0.mar", 1, 2, args.port) as proc:
         root = psutil.Process(proc.pid)
         procs = {"launcher": root}
         for child in root.children(recursive=True):

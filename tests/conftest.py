@@ -233,9 +233,9 @@ def post(ts: TorchServe | KServeServer, model: str, data: bytes, headers: dict |
 
 # Test layers (make test-unit runs the first): a test's layer follows from what it needs.
 SERVER_FIXTURES = {"server", "kserve", "target", "served_container", "engine", "image",
-                   "family_server", "mask_server", "ts", "small_store", "mon"}
+                   "family_server", "mask_server", "ts", "small_store", "mon", "rt_server"}
 INTEGRATION_FIXTURES = {"model_store", "fixed_weights", "pets_mar", "test_split", "model_dir", "handler",
-                        "context", "mask_split", "lightning_ckpt"}
+                        "context", "mask_split", "lightning_ckpt", "parity_data", "runtime_store"}
 INTEGRATION_MODULES = {"test_train", "test_archive", "test_docker", "test_gpu_options", "test_families"}
 
 
@@ -244,7 +244,8 @@ def pytest_collection_modifyitems(items) -> None:
         names = set(item.fixturenames)
         if names & SERVER_FIXTURES or item.get_closest_marker("server"):
             layer = "server"
-        elif names & INTEGRATION_FIXTURES or item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES:
+        elif (names & INTEGRATION_FIXTURES or item.get_closest_marker("integration")
+              or item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES):
             layer = "integration"
         else:
             layer = "unit"

@@ -1,20 +1,24 @@
-"""``make bench``: the model's own limit against the servers, measured in one run.
+"""``make bench``: the model's own limits against the servers, measured in one run, per model.
 
-On the same images and weights:
+For each model (the demo's ``fcos_tiny`` and a realistic ``fasterrcnn_mobilenet_v3_large_fpn`` at
+its default 800 px size, random weights: compute, not accuracy), on the same images:
 
-* **limit**: the archive's model in-process, back to back, same decoding and JSON, same threads;
-* **ours**: this project's handler on TorchServe, over a sweep of workers x threads and
-  batch size / max batch delay, with mixed-size and same-size images;
-* **stock**: TorchServe's built-in ``object_detector`` handler on the same weights (same-size
-  images; a batch of mixed sizes is shown failing);
-* **kserve**: the same archives on KServe's ``ModelServer`` (``make serve SERVER=kserve``), one
-  process, unbatched and batched;
-* **litserve**: the same model served by LitServe.
+* **eager in-process**: the archive's eager model, decode + model + JSON back to back, in each
+  layout (1 process x all cores' threads, one single-threaded process per core): the old limit;
+* **runtime in-process**: the same for each accelerated runtime archive (ONNX Runtime, OpenVINO),
+  built through the parity gate: the new limit;
+* **ours**: this project's handler on TorchServe with the shipped defaults: the archive ``make
+  archive`` builds (``RUNTIME=auto``, workers x threads from the machine), the shipped config and
+  log4j2; plus the JVM's CPU per request with the shipped log4j2 and with TorchServe's built-in one;
+* **stock**: TorchServe's built-in ``object_detector`` handler on the same weights, eager, 1 and
+  ``cores`` workers;
+* **litserve**: the eager archive served by LitServe, 1 worker x all threads and one worker per core;
+* **kserve** (``--kserve``): the shipped archive on KServe's ``ModelServer``.
 
-Each server gets latency at concurrency 1 (p50/p95/p99) and throughput at concurrency 2, 4 and 8.
-Every request is sent as multipart field ``data`` (a form all four servers read), from Python
-threads on the same machine. Writes ``bench.json``, ``bench.md`` and two plots to ``--out``.
-Ratios are the headline, not absolute times.
+Each server gets latency at concurrency 1 (p50/p95/p99) and throughput at concurrency 1, 2, 4, 8.
+Every request is multipart field ``data`` from Python threads on the same machine. The load average
+is checked first: a busy machine halves the figures (refused unless ``--allow-busy``). Writes
+``bench.json``, ``bench.md`` and two plots per model to ``--out/<model>``. Ratios are the headline.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import contextlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -32,6 +37,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +48,27 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 CONCURRENCY = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """One benchmarked model: an architecture and its weights (None: random, seeded, saved by the run)."""
+
+    key: str
+    arch: str
+    weights: str | None
+    labels: str
+    images: int  # per measurement; the load phases send twice as many
+
+    @property
+    def title(self) -> str:
+        return f"{self.arch} ({'committed weights' if self.weights else 'random weights'})"
+
+
+MODELS = {
+    "demo": BenchModel("demo", "fcos_tiny", "weights/shapes.pt", "index_to_name/shapes.json", 40),
+    "frcnn": BenchModel("frcnn", "fasterrcnn_mobilenet_v3_large_fpn", None, "index_to_name/shapes.json", 16),
+}
 
 
 def load_images(dataset: Path, split: str, n: int, size: tuple[int, int] | None = None) -> list[bytes]:
@@ -116,33 +143,66 @@ def multipart_sender(url: str, headers: dict[str, str]) -> Callable[[requests.Se
     return send
 
 
-def bench_inprocess(mar: Path, images: list[bytes], threads: int) -> dict[str, Any]:
-    """The limit: decode + model + JSON for each image, back to back, in this process."""
+
+def _inprocess_worker(mar: str, threads: int, images: list[bytes], warm: list[bytes], barrier, results) -> None:
+    """One in-process measurement process: load, warm up, wait for the others, run its share."""
     import torch
 
     from serve_demo.core.schema import dumps
     from serve_demo.core.worker import Detector
 
+    logging.disable(logging.WARNING)
     torch.set_num_threads(threads)
-    model = Detector.from_archive(mar)
-    for data in images[:4]:
+    model = Detector.from_archive(mar, threads=threads)
+    for data in warm:
         model.predict(data, 0.5, "stock")
-    latencies = []
-    t0 = time.perf_counter()
+    barrier.wait()
+    latencies, start = [], time.time()
     for data in images:
         t = time.perf_counter()
         dumps(model.predict(data, 0.5, "stock"))
         latencies.append(time.perf_counter() - t)
-    elapsed = time.perf_counter() - t0
-    return {"throughput_rps": round(len(images) / elapsed, 2), **stats(latencies), "latencies": latencies,
-            "threads": threads}
+    results.put((start, time.time(), latencies))
 
 
-def stock_archive(weights: Path, labels: Path, arch: str, store: Path, build: Path, batch: int) -> Path:
+def bench_inprocess(mar: Path, images: list[bytes], processes: int, threads: int, total: int) -> dict[str, Any]:
+    """``processes`` copies of the archive's model, each with ``threads`` threads, sharing ``total``
+    images back to back (decode + model + JSON, no server): throughput and per-image latency."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    share = [[images[i % len(images)] for i in range(k, total, processes)] for k in range(processes)]
+    procs = [ctx.Process(target=_inprocess_worker, args=(str(mar), threads, share[k], images[:3], barrier, results))
+             for k in range(processes)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=1800) for _ in procs]
+    for p in procs:
+        p.join(60)
+    start, end = min(g[0] for g in got), max(g[1] for g in got)
+    latencies = [x for g in got for x in g[2]]
+    return {"layout": f"{processes}p x {threads}t", "processes": processes, "threads": threads,
+            "throughput_rps": round(len(latencies) / (end - start), 2), **stats(latencies), "latencies": latencies}
+
+
+def random_weights(model: BenchModel, labels: Path, out: Path) -> Path:
+    """Seeded random weights for an architecture without committed ones (compute, not accuracy)."""
+    import torch
+
+    from serve_demo.core.loader import read_label_map
+    from serve_demo.core.models import build_model
+
+    torch.manual_seed(0)
+    path = out / f"{model.key}.pt"
+    torch.save(build_model(model.arch, len(read_label_map(labels))).state_dict(), path)
+    return path
+
+
+def stock_archive(weights: Path, labels: Path, arch: str, store: Path, build: Path, workers: int) -> Path:
     """An archive of the same weights for TorchServe's built-in ``object_detector`` handler."""
     from serve_demo.archive.builder import stage_extra_files
     from serve_demo.core.loader import read_label_map
 
+    name = f"stock_w{workers}"
     stage = build / "stock-extra"
     shutil.rmtree(stage, ignore_errors=True)
     stage_extra_files(stage, labels)
@@ -154,49 +214,62 @@ def stock_archive(weights: Path, labels: Path, arch: str, store: Path, build: Pa
         "class StockDetector(torch.nn.Module):\n"
         "    def __new__(cls):\n"
         f"        return build_model({arch!r}, {n})\n")
-    (build / "stock-config.yaml").write_text(f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: {batch}\n"
-                                             "maxBatchDelay: 5\nresponseTimeout: 120\n")
+    config = build / f"{name}-config.yaml"
+    config.write_text(f"minWorkers: {workers}\nmaxWorkers: {workers}\nbatchSize: 1\nresponseTimeout: 120\n")
     tmp = build / "stock-tmp"
     tmp.mkdir(exist_ok=True)
-    cmd = [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", f"stock_b{batch}",
+    cmd = [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", name,
            "--version", "1.0", "--serialized-file", str(weights.resolve()), "--model-file", str(model_file),
-           "--handler", "object_detector", "--extra-files", str(stage), "--config-file",
-           str(build / "stock-config.yaml"), "--export-path", str(store), "--force"]
+           "--handler", "object_detector", "--extra-files", str(stage), "--config-file", str(config),
+           "--export-path", str(store), "--force"]
     subprocess.run(cmd, check=True, env={**os.environ, "TMPDIR": str(tmp)}, capture_output=True)
-    return store / f"stock_b{batch}.mar"
+    return store / f"{name}.mar"
 
 
-def ours_archive(weights: Path, labels: Path, arch: str, store: Path, build: Path, name: str, workers: int,
-                 threads: int, batch: int, delay: int) -> Path:
+def ours_archive(weights: Path, labels: Path, arch: str, store: Path, build: Path, name: str, runtime: str,
+                 parity_data: Path, parity_split: str) -> tuple[Path, str]:
+    """An archive as ``make archive`` builds it (defaults: the machine's layout) with ``runtime``;
+    its path and the runtime it names (``auto`` resolves to one)."""
+    import zipfile
+
+    import yaml
+
     from serve_demo.archive.builder import ArchiveSpec
     from serve_demo.archive.builder import build as build_archive
 
-    return build_archive(ArchiveSpec(name=name, weights=str(weights), labels=str(labels), arch=arch,
-                                     batch_size=batch, max_batch_delay=delay, workers=workers, threads=threads,
-                                     export_path=str(store), build_dir=str(build), no_check=True))
+    mar = build_archive(ArchiveSpec(name=name, weights=str(weights), labels=str(labels), arch=arch, runtime=runtime,
+                                    parity_data=str(parity_data) if runtime != "eager" else None,
+                                    parity_split=parity_split, export_path=str(store), build_dir=str(build)))
+    with zipfile.ZipFile(mar) as z:
+        handler = yaml.safe_load(z.read("model-config.yaml")).get("handler", {})
+    return mar, (handler.get("runtime") or {}).get("name", "eager")
 
 
-def start_torchserve(home: Path, store: Path, models: str, metrics_mode: str = "log"):
-    """TorchServe with the shipped config on free ports; ``metrics_mode`` log by default, because
-    the per-request HandlerTime lines need it (the shipped prometheus mode keeps only the last
-    value of a gauge)."""
+def start_torchserve(home: Path, store: Path, models: str, metrics_mode: str = "prometheus",
+                     overrides: dict[str, str] | None = None):
+    """TorchServe with the shipped config (prometheus metrics, shipped log4j2) on free ports."""
     from serve_demo.serve.torchserve import TorchServe
 
-    ts = TorchServe.on_free_ports(home, store, models=models, environment={"TS_METRICS_MODE": metrics_mode})
+    ts = TorchServe.on_free_ports(home, store, models=models, environment={"TS_METRICS_MODE": metrics_mode},
+                                  overrides=overrides or {})
     ts.start()
-    ts.wait_ready(180)
+    ts.wait_ready(240)
     return ts
 
 
-def handler_times(home: Path, model: str) -> list[float]:
-    """TorchServe's own ``HandlerTime`` metric (ms) of each request to ``model``, in order."""
-    import re
+def jvm_cpu_per_request(ts, send, images: list[bytes], n: int) -> tuple[float, float]:
+    """Throughput at concurrency 4 and the JVM frontend's CPU milliseconds per request."""
+    import psutil
 
-    path = home / "logs" / "model_metrics.log"
-    if not path.exists():
-        return []
-    pattern = re.compile(r"HandlerTime\.ms:([0-9.]+)\|#ModelName:" + re.escape(model) + r",")
-    return [float(m.group(1)) for m in pattern.finditer(path.read_text())]
+    jvm = psutil.Process(ts.pid())
+    load(send, images, 4, 8)  # warm
+    before = sum(jvm.cpu_times()[:2])
+    result = load(send, images, 4, n)
+    return result["throughput_rps"], round((sum(jvm.cpu_times()[:2]) - before) * 1000 / n, 2)
+
+
+def server_row(label: str, kind: str, measured: dict[str, Any], **extra) -> dict[str, Any]:
+    return {"label": label, "kind": kind, **measured, **extra}
 
 
 @contextlib.contextmanager
@@ -241,21 +314,30 @@ def bench_kserve(store: Path, home: Path, name: str, images: list[bytes], n_lat:
         return measure_server(multipart_sender(f"{ks.url}/predictions/{name}", {}), images, n_lat, n_load)
 
 
+
+def best(row: dict) -> float:
+    """A server row's highest throughput over the concurrencies."""
+    return max(row[f"c{c}"]["throughput_rps"] for c in (1, *CONCURRENCY))
+
+
 def write_outputs(out: Path, result: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    limit = result["limit"]["mixed"]["throughput_rps"]
-    ax.axhline(limit, color="black", ls="--", lw=1, label=f"in-process limit ({limit:.1f}/s)")
+    rows, inproc = result["rows"], result["inprocess"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.4), dpi=110)
+    styles = {"eager": ("black", "--"), "runtime": ("tab:green", ":")}
+    for r in inproc:
+        if r is result["best_eager"] or r is result["best_runtime"]:
+            color, ls = styles["eager" if r["runtime"] == "eager" else "runtime"]
+            ax.axhline(r["throughput_rps"], color=color, ls=ls, lw=1,
+                       label=f"in-process {r['runtime']} {r['layout']} ({r['throughput_rps']:.1f}/s)")
     for r in rows:
         xs = [1, *CONCURRENCY]
-        ys = [r["c1"]["throughput_rps"]] + [r[f"c{c}"]["throughput_rps"] for c in CONCURRENCY]
-        ax.plot(xs, ys, marker="o", label=r["label"])
-    ax.set(xlabel="concurrent clients", ylabel="images / s", title="Throughput vs concurrency",
+        ax.plot(xs, [r[f"c{c}"]["throughput_rps"] for c in xs], marker="o", label=r["label"])
+    ax.set(xlabel="concurrent clients", ylabel="images / s", title=f"{result['model']}: throughput vs concurrency",
            xticks=[1, *CONCURRENCY])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -263,13 +345,15 @@ def write_outputs(out: Path, result: dict) -> None:
     fig.savefig(out / "throughput_vs_concurrency.png")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    lat = np.sort(np.asarray(result["limit"]["mixed"]["latencies"]) * 1000)
-    ax.plot(lat, np.linspace(0, 1, len(lat)), color="black", ls="--", label="in-process limit")
+    fig, ax = plt.subplots(figsize=(7.5, 4.4), dpi=110)
+    ref = result["eager_reference"]
+    lat = np.sort(np.asarray(ref["latencies"]) * 1000)
+    ax.plot(lat, np.linspace(0, 1, len(lat)), color="black", ls="--", label=f"in-process eager {ref['layout']}")
     for r in rows:
         lat = np.sort(np.asarray(r["c1"]["latencies"]) * 1000)
         ax.plot(lat, np.linspace(0, 1, len(lat)), label=r["label"])
-    ax.set(xlabel="latency at concurrency 1 (ms)", ylabel="fraction of requests", title="Latency CDF (c=1)")
+    ax.set(xlabel="latency at concurrency 1 (ms)", ylabel="fraction of requests",
+           title=f"{result['model']}: latency CDF (c=1)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -277,152 +361,213 @@ def write_outputs(out: Path, result: dict) -> None:
     plt.close(fig)
 
     for r in rows:
-        for k in list(r):
-            if isinstance(r[k], dict):
-                r[k].pop("latencies", None)
-    for v in result["limit"].values():
-        v.pop("latencies", None)
-    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+        for v in r.values():
+            if isinstance(v, dict):
+                v.pop("latencies", None)
+    for r in inproc:
+        r.pop("latencies", None)
+    slim = {k: v for k, v in result.items() if k not in ("best_eager", "best_runtime", "eager_reference")}
+    (out / "bench.json").write_text(json.dumps(slim, indent=1) + "\n")
 
-    lim = result["limit"]
-    lines = [f"# Benchmark ({result['machine']})", "",
-             f"Command: `{result['command']}`; {result['images']} images; {result['date']}.", "",
-             f"In-process limit (decode + model + JSON, {lim['mixed']['threads']} threads): mixed sizes "
-             f"{lim['mixed']['throughput_rps']}/s, p50 {lim['mixed']['p50_ms']} ms; same size "
-             f"{lim['same']['throughput_rps']}/s, p50 {lim['same']['p50_ms']} ms.", "",
-             "| server | images | c=1 p50 / p95 / p99 (ms) | c=1 /s | c=2 /s | c=4 /s | c=8 /s | best / limit |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"# Benchmark: {result['model']}", "",
+             f"{result['machine']}; load average before the run {result['load_before']}; {result['images']} images "
+             f"({result['dataset']}); {result['date']}. Command: `{result['command']}`.", "",
+             "## In-process (no server): decode + model + JSON, back to back", "",
+             "| runtime | layout | images/s | p50 / p95 / p99 (ms) |", "|---|---|---|---|"]
+    for r in inproc:
+        lines.append(f"| {r['runtime']} | {r['layout']} | {r['throughput_rps']} | {r['p50_ms']} / {r['p95_ms']} / "
+                     f"{r['p99_ms']} |")
+    lines += ["", "## Served", "",
+              "| server | c=1 p50 / p95 / p99 (ms) | c=1 /s | c=2 /s | c=4 /s | c=8 /s | best / eager in-process |",
+              "|---|---|---|---|---|---|---|"]
+    eager_best = result["best_eager"]["throughput_rps"]
     for r in rows:
-        ref = lim["same" if r["images"] == "same" else "mixed"]
-        best = max(r[f"c{c}"]["throughput_rps"] for c in (1, *CONCURRENCY))
         errs = sum(r[f"c{c}"]["errors"] for c in (1, *CONCURRENCY))
-        lines.append(f"| {r['label']} | {r['images']} | {r['c1']['p50_ms']} / {r['c1']['p95_ms']} / "
-                     f"{r['c1']['p99_ms']} | {r['c1']['throughput_rps']} | {r['c2']['throughput_rps']} | "
-                     f"{r['c4']['throughput_rps']} | {r['c8']['throughput_rps']} | {best / ref['throughput_rps']:.2f}"
-                     + (f" ({errs} errors)" if errs else "") + " |")
-    lines += ["", "Time inside the handler at c=1 (TorchServe's HandlerTime metric, p50) against the client's p50:"]
-    lines += [f"- {r['label']} ({r['images']}): handler {r['c1']['handler_p50_ms']} ms of {r['c1']['p50_ms']} ms"
-              for r in rows if "handler_p50_ms" in r["c1"]]
+        lines.append(f"| {r['label']} | {r['c1']['p50_ms']} / {r['c1']['p95_ms']} / {r['c1']['p99_ms']} | "
+                     + " | ".join(str(r[f"c{c}"]["throughput_rps"]) for c in (1, *CONCURRENCY))
+                     + f" | {best(r) / eager_best:.2f}" + (f" ({errs} errors)" if errs else "") + " |")
+    if result.get("frontend"):
+        lines += ["", "## Frontend CPU per request (JVM, concurrency 4)", ""]
+        lines += [f"- {k}: {v['jvm_cpu_ms_per_request']} ms CPU per request, {v['throughput_rps']} images/s"
+                  for k, v in result["frontend"].items()]
     lines += ["", "## Ratios", ""] + [f"- {k}: {v}" for k, v in result["ratios"].items()]
-    if result.get("stock_mixed_batch"):
-        lines += ["", f"Stock handler, batch of 4 mixed-size images: {result['stock_mixed_batch']}"]
     lines += ["", "![throughput](throughput_vs_concurrency.png)", "", "![latency](latency_cdf.png)", ""]
     (out / "bench.md").write_text("\n".join(lines))
+
+
+def busy(cores: int) -> tuple[bool, tuple[float, float, float]]:
+    """Whether the 1-minute load average says something else is running (a quarter of the cores)."""
+    loads = os.getloadavg()
+    return loads[0] > max(0.5, cores / 4), tuple(round(x, 2) for x in loads)
+
+
+def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) -> dict[str, Any]:
+    """Every measurement of one model; its result (also written to ``--out/<key>``)."""
+    from serve_demo.core.layout import cpu_layout
+
+    out, work = Path(args.out) / model.key, Path(args.work).resolve() / model.key
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    store, build = work / "store", work / "build"
+    store.mkdir(parents=True)
+    labels = Path(model.labels)
+    weights = Path(model.weights) if model.weights else random_weights(model, labels, work)
+    n = args.images or model.images
+    images = load_images(Path(args.dataset), args.split, n)
+    n_lat, n_load = n, n * 2
+    layouts = sorted({(1, cores), (cores, 1), (cpu_layout(cores).workers, cpu_layout(cores).threads)})
+
+    log.info("%s: archives (eager, auto = the shipped default, and the other runtime)", model.title)
+    eager_mar, _ = ours_archive(weights, labels, model.arch, store, build, "eager", "eager", Path(args.dataset),
+                                args.parity_split)
+    shipped_mar, shipped_runtime = ours_archive(weights, labels, model.arch, store, build, "shipped", "auto",
+                                                Path(args.dataset), args.parity_split)
+    runtime_mars = {}
+    for rt in ("onnxruntime", "openvino"):
+        runtime_mars[rt] = shipped_mar if rt == shipped_runtime else ours_archive(
+            weights, labels, model.arch, store, build, rt, rt, Path(args.dataset), args.parity_split)[0]
+    for w in sorted({1, cores}):
+        stock_archive(weights, labels, model.arch, store, build, w)
+    steps.update(1)
+
+    inproc = []
+    for rt, mar in (("eager", eager_mar), *runtime_mars.items()):
+        for p, t in layouts:
+            row = bench_inprocess(mar, images, p, t, n_load if p > 1 else n_lat)
+            inproc.append({"runtime": rt, **row})
+            log.info("in-process %s %s: %.1f images/s, p50 %.1f ms", rt, row["layout"], row["throughput_rps"],
+                     row["p50_ms"])
+    steps.update(1)
+
+    rows: list[dict[str, Any]] = []
+    frontend: dict[str, Any] = {}
+    ts = start_torchserve(work / "home-shipped", store, "shipped-1.0.mar")
+    try:
+        ws = requests.get(f"{ts.management_url}/models/shipped", headers=ts.auth(), timeout=10).json()[0]["workers"]
+        send = multipart_sender(f"{ts.inference_url}/predictions/shipped", ts.auth("inference"))
+        label = f"ours, shipped defaults ({shipped_runtime}, {len(ws)} workers x {cpu_layout(cores).threads} threads)"
+        rows.append(server_row(label, "ours", measure_server(send, images, n_lat, n_load)))
+        rate, cpu = jvm_cpu_per_request(ts, send, images, n_load)
+        frontend["shipped log4j2.xml"] = {"throughput_rps": rate, "jvm_cpu_ms_per_request": cpu}
+    finally:
+        ts.stop()
+    steps.update(1)
+    # the same, with TorchServe's built-in logging configuration (our vmargs without -Dlog4j...)
+    ts = start_torchserve(work / "home-builtin-log", store, "shipped-1.0.mar",
+                          overrides={"vmargs": f"-Xmx1g -XX:+UseContainerSupport -Djava.io.tmpdir={work / 'tmp'}"})
+    try:
+        send = multipart_sender(f"{ts.inference_url}/predictions/shipped", ts.auth("inference"))
+        rate, cpu = jvm_cpu_per_request(ts, send, images, n_load)
+        frontend["TorchServe's built-in log4j2"] = {"throughput_rps": rate, "jvm_cpu_ms_per_request": cpu}
+    finally:
+        ts.stop()
+    steps.update(1)
+
+    for w in sorted({1, cores}):
+        ts = start_torchserve(work / f"home-stock{w}", store, f"stock_w{w}.mar")
+        try:
+            send = multipart_sender(f"{ts.inference_url}/predictions/stock_w{w}", ts.auth("inference"))
+            rows.append(server_row(f"stock object_detector, eager, {w} worker{'s' if w > 1 else ''}", "stock",
+                                   measure_server(send, images, n_lat, n_load)))
+        finally:
+            ts.stop()
+        steps.update(1)
+
+    for w, t in sorted({(1, cores), (cores, 1)}):
+        rows.append(server_row(f"litserve, eager, {w} worker{'s' if w > 1 else ''} x {t} threads", "litserve",
+                               bench_litserve(eager_mar, w, t, int(args.litserve_port) + w, images, n_lat, n_load)))
+        steps.update(1)
+
+    if args.kserve:
+        rows.append(server_row(f"kserve ModelServer ({shipped_runtime}, one process)", "kserve",
+                               bench_kserve(store, work / "kserve", "shipped", images, n_lat, n_load)))
+
+    best_eager = max((r for r in inproc if r["runtime"] == "eager"), key=lambda r: r["throughput_rps"])
+    best_runtime = max(inproc, key=lambda r: r["throughput_rps"])
+    eager_ref = next(r for r in inproc if r["runtime"] == "eager" and r["processes"] == 1 and r["threads"] == cores)
+    ours = rows[0]
+    stock = max((r for r in rows if r["kind"] == "stock"), key=best)
+    lit = max((r for r in rows if r["kind"] == "litserve"), key=best)
+    result: dict[str, Any] = {
+        "model": model.title, "machine": args.machine, "load_before": args.load_before, "images": n,
+        "dataset": f"{args.dataset} {args.split}", "date": time.strftime("%Y-%m-%d %H:%M"), "command": args.command,
+        "inprocess": inproc, "rows": rows, "frontend": frontend, "shipped_runtime": shipped_runtime,
+        "best_eager": best_eager, "best_runtime": best_runtime, "eager_reference": eager_ref,
+    }
+    result["ratios"] = {
+        "ours (shipped) / best eager in-process layout (target >= 1.3)":
+            f"{best(ours) / best_eager['throughput_rps']:.2f} ({best(ours)} vs {best_eager['throughput_rps']}/s, "
+            f"eager {best_eager['layout']})",
+        "ours / best LitServe layout (target >= 1.3)":
+            f"{best(ours) / best(lit):.2f} ({lit['label']}: {best(lit)}/s)",
+        "ours c=1 p50 / eager in-process p50 at 1p x all threads (target <= 1)":
+            f"{ours['c1']['p50_ms'] / eager_ref['p50_ms']:.2f} ({ours['c1']['p50_ms']} vs {eager_ref['p50_ms']} ms)",
+        "ours / best stock handler layout": f"{best(ours) / best(stock):.2f} ({stock['label']}: {best(stock)}/s)",
+        "best in-process runtime / best in-process eager (the new limit over the old)":
+            f"{best_runtime['throughput_rps'] / best_eager['throughput_rps']:.2f} ({best_runtime['runtime']} "
+            f"{best_runtime['layout']})",
+        "ours / best in-process runtime layout (what serving costs)":
+            f"{best(ours) / best_runtime['throughput_rps']:.2f}",
+    }
+    write_outputs(out, result)
+    return result
 
 
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work).resolve()
-    shutil.rmtree(work, ignore_errors=True)
-    store, build = work / "store", work / "build"
-    store.mkdir(parents=True)
-    weights, labels = Path(args.weights), Path(args.labels)
-    mixed = load_images(Path(args.dataset), args.split, args.images)
-    same = load_images(Path(args.dataset), args.split, args.images, size=(320, 320))
-    cores = os.cpu_count() or 1
-    n_lat, n_load = args.images, args.images * 2
-
-    configs = [("ours 1w x 2t b1", 1, cores, 1, 5), ("ours 2w x 1t b1", 2, max(1, cores // 2), 1, 5),
-               ("ours 1w x 2t b4 d10", 1, cores, 4, 10)]
-    names = []
-    for i, (_, w, t, b, d) in enumerate(configs):
-        names.append(f"ours{i}")
-        ours_archive(weights, labels, args.arch, store, build, f"ours{i}", w, t, b, d)
-    stock_archive(weights, labels, args.arch, store, build, 1)
-    stock_archive(weights, labels, args.arch, store, build, 4)
-    limit_mar = store / "ours0-1.0.mar"
-
-    result: dict[str, Any] = {"machine": f"{cores} CPU cores, torch threads {cores}", "images": args.images,
-                              "date": time.strftime("%Y-%m-%d %H:%M"), "command": "make bench", "rows": []}
-    kserve_configs = (0, 2)  # the archives of "ours 1w x 2t b1" and "ours 1w x 2t b4 d10"
-    steps = tqdm(total=len(configs) * 2 + 5 + len(kserve_configs), desc="bench", file=sys.stderr)
-    result["limit"] = {"mixed": bench_inprocess(limit_mar, mixed, cores),
-                       "same": bench_inprocess(limit_mar, same, cores)}
-    steps.update(1)
-
-    for i, (label, *_rest) in enumerate(configs):
-        ts = start_torchserve(work / f"home{i}", store, f"ours{i}-1.0.mar")
-        try:
-            send = multipart_sender(f"{ts.inference_url}/predictions/ours{i}", ts.auth("inference"))
-            for kind, imgs in (("mixed", mixed), ("same", same)):
-                if kind == "same" and i:
-                    continue
-                already = len(handler_times(ts.home, f"ours{i}"))
-                row = {"label": label, "images": kind, **measure_server(send, imgs, n_lat, n_load)}
-                c1 = handler_times(ts.home, f"ours{i}")[already + 4: already + 4 + n_lat]  # after the warm-up
-                if c1:
-                    row["c1"]["handler_p50_ms"] = round(float(np.median(c1)), 1)
-                result["rows"].append(row)
-                steps.update(1)
-        finally:
-            ts.stop()
-        steps.update(1)
-
-    ts = start_torchserve(work / "home-stock", store, "stock_b1.mar,stock_b4.mar")
-    try:
-        send = multipart_sender(f"{ts.inference_url}/predictions/stock_b1", ts.auth("inference"))
-        result["rows"].append({"label": "stock object_detector 1w b1", "images": "same",
-                               **measure_server(send, same, n_lat, n_load)})
-        batch_url = f"{ts.inference_url}/predictions/stock_b4"
-        with ThreadPoolExecutor(4) as pool:
-            codes = list(pool.map(lambda d: requests.post(batch_url, files={"data": ("i.jpg", d, "image/jpeg")},
-                                                          headers=ts.auth("inference"), timeout=60).status_code,
-                                  mixed[:4]))
-        result["stock_mixed_batch"] = f"HTTP {codes} (one batch: torch.stack of different sizes fails)"
-    finally:
-        ts.stop()
-    steps.update(1)
-
-    for i in kserve_configs:
-        result["rows"].append({"label": "kserve" + configs[i][0][4:], "images": "mixed",
-                               **bench_kserve(store, work / f"kserve{i}", f"ours{i}", mixed, n_lat, n_load)})
-        steps.update(1)
-
-    for label, workers, threads in (("litserve 1 worker x 2t", 1, cores), ("litserve 2 workers x 1t", 2, 1)):
-        result["rows"].append({"label": label, "images": "mixed",
-                               **bench_litserve(limit_mar, workers, threads, int(args.litserve_port) + workers, mixed,
-                                                n_lat, n_load)})
-        steps.update(1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    is_busy, loads = busy(cores)
+    if is_busy:
+        msg = (f"load average {loads} on {cores} cores: something else is running, and the figures would be "
+               "a fraction of the machine's (stop it, or pass --allow-busy to measure anyway, marked as busy)")
+        if not args.allow_busy:
+            print(msg, file=sys.stderr)
+            return 2
+        log.warning(msg)
+    args.load_before = f"{loads}" + (" (BUSY)" if is_busy else " (quiet)")
+    args.machine = f"{cores} CPU cores ({platform_cpu()})"
+    args.command = "make bench" + (f" BENCH_MODELS={args.models}" if args.models != "demo,frcnn" else "")
+    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in MODELS]
+    if unknown:
+        print(f"unknown --models {unknown}: choose from {sorted(MODELS)}", file=sys.stderr)
+        return 2
+    steps = tqdm(total=len(keys) * 8, desc="bench", file=sys.stderr)
+    results = [bench_model(MODELS[k], args, cores, steps) for k in keys]
     steps.close()
+    for k in keys:
+        print((Path(args.out) / k / "bench.md").read_text())
+    busy_after, loads_after = busy(cores)
+    print(f"load average before {args.load_before}, after {loads_after}")
+    return 0 if results else 1
 
-    def best(r: dict) -> float:
-        return max(r[f"c{c}"]["throughput_rps"] for c in (1, *CONCURRENCY))
 
-    rows = {(r["label"], r["images"]): r for r in result["rows"]}
-    ours_best = max((r for r in result["rows"] if r["label"].startswith("ours") and r["images"] == "mixed"), key=best)
-    ours_same = rows[("ours 1w x 2t b1", "same")]
-    ours_mixed = rows[("ours 1w x 2t b1", "mixed")]
-    stock = rows[("stock object_detector 1w b1", "same")]
-    lit = max((r for r in result["rows"] if r["label"].startswith("litserve")), key=best)
-    lim = result["limit"]
-    result["ratios"] = {
-        "served throughput / limit (best config, mixed)": round(best(ours_best) / lim["mixed"]["throughput_rps"], 3),
-        "best config": ours_best["label"],
-        "served p50 - limit p50 at c=1 (ms, mixed)": round(ours_mixed["c1"]["p50_ms"] - lim["mixed"]["p50_ms"], 1),
-        "ours / stock throughput (same-size images)": round(best(ours_same) / best(stock), 3),
-        "ours / LitServe throughput (mixed, best layout of each)": round(best(ours_best) / best(lit), 3),
-        "best LitServe layout": lit["label"],
-        "KServe server / TorchServe throughput (same archive, 1w x 2t b1, mixed)":
-            round(best(rows[("kserve 1w x 2t b1", "mixed")]) / best(ours_mixed), 3),
-        "KServe server / TorchServe throughput (same archive, b4 d10, mixed)":
-            round(best(rows[("kserve 1w x 2t b4 d10", "mixed")]) / best(rows[("ours 1w x 2t b4 d10", "mixed")]), 3),
-        "ours mixed-size / same-size throughput": round(best(ours_mixed) / best(ours_same), 3),
-    }
-    write_outputs(out, result)
-    print((out / "bench.md").read_text())
-    return 0
+def platform_cpu() -> str:
+    """The CPU model name (Linux), for the report."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", default="weights/shapes.pt")
-    p.add_argument("--labels", default="index_to_name/shapes.json")
-    p.add_argument("--arch", default="fcos_tiny")
-    p.add_argument("--dataset", default="data/shapes")
+    p.add_argument("--models", default="demo,frcnn",
+                   help=f"comma-separated, from {sorted(MODELS)} (demo: the committed fcos_tiny; frcnn: "
+                        "fasterrcnn_mobilenet_v3_large_fpn at 800 px, random weights)")
+    p.add_argument("--dataset", default="data/shapes", help="images to send; its --parity-split gates the runtimes")
     p.add_argument("--split", default="test")
-    p.add_argument("--images", type=int, default=40, help="images per measurement (load phases send twice as many)")
+    p.add_argument("--parity-split", default="valid")
+    p.add_argument("--images", type=int, default=0,
+                   help="images per measurement (default per model: demo 40, frcnn 16; load phases send twice as many)")
     p.add_argument("--out", default="reports/bench")
     p.add_argument("--work", default="build/bench", help="archives and server homes")
     p.add_argument("--litserve-port", default="18600")
+    p.add_argument("--kserve", action="store_true", help="also KServe's ModelServer on the shipped archive")
+    p.add_argument("--allow-busy", action="store_true",
+                   help="measure even when the load average says the machine is busy (the report says so)")

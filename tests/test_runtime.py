@@ -1,0 +1,416 @@
+"""Accelerated runtimes (ONNX Runtime, OpenVINO), the parity gate, the CPU layout and the quiet
+frontend: pure units, exports of every family, archives refused or accepted by the gate, and a real
+TorchServe serving eager and accelerated archives of the committed models side by side."""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+
+import pytest
+import requests
+import torch
+import yaml
+from torch import nn
+
+from serve_demo.archive import parity
+from serve_demo.archive.builder import ArchiveError, build
+from serve_demo.core import masks
+from serve_demo.core.layout import WORKERS_ENV, available_cpus, cpu_layout, worker_threads
+from serve_demo.core.models import available_archs, build_model
+from serve_demo.core.runtime import (
+    RuntimeConfig,
+    RuntimeManifest,
+    accelerate,
+    export_parts,
+    flatten,
+    unflatten,
+)
+from serve_demo.data.synth import SynthConfig, generate_split
+from serve_demo.evaluate.evaluator import evaluate
+from serve_demo.serve.management import Management
+
+from .conftest import DEMO_LABELS, DEMO_WEIGHTS, ROOT, archive_args, encode, make_server, post, synth_image
+
+MASK_WEIGHTS = ROOT / "weights" / "shapes_masks.pt"
+MASK_LABELS = ROOT / "index_to_name" / "shapes_masks.json"
+
+
+# --- units ---------------------------------------------------------------------------------------
+
+def test_flatten_roundtrip_keeps_nesting_and_order():
+    a, b, c, d = (torch.full((i + 1,), float(i)) for i in range(4))
+    nest = ({"0": a, "pool": b}, [c, (d,)])
+    flat, spec = flatten(nest)
+    assert [t.tolist() for t in flat] == [x.tolist() for x in (a, b, c, d)]
+    back = unflatten(iter(flat), json.loads(json.dumps(spec)))  # the spec survives runtime.json
+    assert list(back[0]) == ["0", "pool"] and back[0]["pool"] is b and back[1][1][0] is d
+    assert isinstance(back, tuple) and isinstance(back[1], list) and isinstance(back[1][1], tuple)
+    with pytest.raises(TypeError, match="cannot export a part taking or returning int"):
+        flatten((a, 3))
+
+
+def test_runtime_config_names_bad_values():
+    assert RuntimeConfig.from_yaml(None) == RuntimeConfig("eager", "fp32")
+    assert RuntimeConfig.from_yaml("openvino").accelerated
+    assert RuntimeConfig.from_yaml({"name": "openvino", "precision": "int8"}).label == "openvino-int8"
+    with pytest.raises(ValueError, match="must be one of .*'tensorflow'"):
+        RuntimeConfig.from_yaml({"name": "tensorflow"})
+    with pytest.raises(ValueError, match="precision int8 needs the openvino runtime"):
+        RuntimeConfig.from_yaml({"name": "onnxruntime", "precision": "int8"})
+    with pytest.raises(ValueError, match="handler.runtime must be"):
+        RuntimeConfig.from_yaml({"name": "openvino", "threads": 2})
+
+
+@pytest.mark.parametrize("cpus,workers,expected", [
+    (1, 0, (1, 1)), (2, 0, (2, 1)), (8, 0, (8, 1)), (16, 0, (16, 1)), (32, 0, (16, 2)), (96, 0, (16, 6)),
+    (2, 1, (1, 2)), (8, 2, (2, 4)), (2, 3, (3, 1)),
+])
+def test_cpu_layout(cpus, workers, expected):
+    layout = cpu_layout(cpus, workers)
+    assert (layout.workers, layout.threads) == expected
+    assert layout.workers * layout.threads <= max(cpus, workers)
+
+
+def test_available_cpus_follows_the_cgroup_quota(tmp_path):
+    import os
+
+    mine = len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs: a container's --cpus 1.5
+    assert available_cpus(tmp_path) == min(mine, 2)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(tmp_path) == mine
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(v1) == 1
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert available_cpus(v1) == mine
+
+
+def test_worker_threads_share_the_cpus(monkeypatch):
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
+    assert worker_threads({"handler": {"threads": 3}, "minWorkers": 1}) == 3  # the archive decides
+    cpus = available_cpus()
+    assert worker_threads({"minWorkers": 1, "handler": {}}) == cpus
+    monkeypatch.setenv(WORKERS_ENV, "1")  # the server starts one worker per model
+    assert worker_threads({}) == cpus
+    monkeypatch.setenv(WORKERS_ENV, str(cpus))
+    assert worker_threads({}) == 1
+
+
+def _answer(boxes, scores, labels, **extra) -> dict[str, torch.Tensor]:
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor(scores),
+            "labels": torch.tensor(labels), **extra}
+
+
+def _report(a: dict, b: dict) -> parity.ParityReport:
+    report = parity.ParityReport()
+    parity.compare(a, b, report, "img")
+    report.images = 1
+    return report
+
+
+def test_parity_compare_passes_within_tolerance_and_names_the_failures():
+    eager = _answer([[10, 10, 50, 50], [60, 60, 90, 99]], [0.9, 0.4], [1, 2])
+    close = _answer([[10.2, 10, 50, 49.9], [60, 60, 90, 99]], [0.9004, 0.4], [1, 2])
+    ok = _report(eager, close)
+    assert ok.passed and ok.detections == 2 and ok.max_box_diff == pytest.approx(0.2, abs=1e-5)
+
+    moved = _report(eager, _answer([[10.8, 10, 50, 50], [60, 60, 90, 99]], [0.9, 0.4], [1, 2]))
+    assert not moved.passed and moved.max_box_diff == pytest.approx(0.8, abs=1e-5)
+    assert "max box difference 0.8 px (limit 0.5)" in moved.summary() and "worst: img" in moved.summary()
+
+    rescored = _report(eager, _answer([[10, 10, 50, 50], [60, 60, 90, 99]], [0.9, 0.402], [1, 2]))
+    assert not rescored.passed and rescored.max_score_diff == pytest.approx(0.002, abs=1e-6)
+
+    relabelled = _report(eager, _answer([[10, 10, 50, 50], [60, 60, 90, 99]], [0.9, 0.4], [1, 3]))
+    assert not relabelled.passed and relabelled.label_mismatches == 2  # counted from both sides
+
+    missing = _report(eager, _answer([[10, 10, 50, 50]], [0.9], [1]))
+    assert not missing.passed and missing.unmatched == 1 and "score 0.4000" in missing.summary()
+
+
+def test_parity_tolerates_only_the_cut_at_the_score_floor():
+    eager = _answer([[10, 10, 50, 50], [60, 60, 90, 99]], [0.9, parity.SCORE_FLOOR + 1e-4], [1, 2])
+    assert _report(eager, _answer([[10, 10, 50, 50]], [0.9], [1])).passed  # crossed the floor: tolerated
+    eager["scores"][1] = parity.SCORE_FLOOR + 0.01
+    assert not _report(eager, _answer([[10, 10, 50, 50]], [0.9], [1])).passed
+
+
+def test_parity_compares_masks_and_keypoints():
+    m = torch.zeros(1, 1, 20, 20)
+    m[..., 5:10, 5:10] = 0.8
+    eager = _answer([[1, 1, 9, 9]], [0.9], [1], masks=m, keypoints=torch.tensor([[[3.0, 4.0, 1.0]]]))
+    same = _answer([[1, 1, 9, 9]], [0.9], [1], masks=m + 0.001, keypoints=torch.tensor([[[3.1, 4.0, 0.0]]]))
+    report = _report(eager, same)
+    assert report.passed and report.max_mask_diff == pytest.approx(0.001, abs=1e-6)
+    assert report.max_keypoint_diff == pytest.approx(0.1, abs=1e-5)  # visibility is not compared
+    off = _answer([[1, 1, 9, 9]], [0.9], [1], masks=m * 0.5, keypoints=torch.tensor([[[5.0, 4.0, 1.0]]]))
+    report = _report(eager, off)
+    assert not report.passed and "max mask difference 0.4" in report.summary()
+    assert "max keypoint difference 2 px" in report.summary()
+
+
+class _ToyDetector(nn.Module):
+    """The detection contract's shape (images in, dicts out) around a backbone and a head whose
+    Python branch on the input size a trace freezes: the head must stay eager, with the reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.head = _ShapeDependentHead()
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for img in images:
+            feat = self.backbone(img[None])
+            score = self.head(feat).flatten()
+            out.append({"boxes": torch.zeros(1, 4), "scores": score[:1].sigmoid(), "labels": torch.ones(1).long()})
+        return out
+
+
+class _ShapeDependentHead(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 40:  # a trace keeps the branch of its sample
+            return x.mean(dim=(2, 3)) * 2
+        return x.mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_export_keeps_a_wrongly_traced_part_eager_and_says_why(tmp_path, runtime):
+    model = _ToyDetector().eval()
+    images = [torch.rand(3, 30, 50), torch.rand(3, 40, 30)]
+    manifest = export_parts(model, images, tmp_path, RuntimeConfig(runtime))
+    assert [p.path for p in manifest.exported] == ["backbone"]
+    (head,) = manifest.eager
+    assert head.path == "head" and "differs from eager" in head.eager_reason
+    assert RuntimeManifest.read(tmp_path).eager[0].eager_reason == head.eager_reason  # recorded in runtime.json
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.onnx", "runtime.json"]
+    fast = _ToyDetector().eval()
+    accelerate(fast, tmp_path, RuntimeConfig(runtime), 1, torch.device("cpu"))
+    assert type(fast.backbone).__name__ == "CompiledPart" and isinstance(fast.head, _ShapeDependentHead)
+    for img in images + [torch.rand(3, 64, 48)]:
+        with torch.no_grad():
+            assert torch.allclose(model([img])[0]["scores"], fast([img])[0]["scores"], atol=1e-5)
+    with pytest.raises(ValueError, match="rebuild the archive"):
+        accelerate(_ToyDetector().eval(), tmp_path, RuntimeConfig("onnxruntime" if runtime == "openvino"
+                                                                  else "openvino"), 1, torch.device("cpu"))
+
+
+# --- every family exports (integration: random weights, small sizes) ------------------------------
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", sorted(available_archs()))
+def test_every_family_exports_and_keeps_parity(arch, tmp_path):
+    from .test_families import KWARGS
+
+    n_classes = 2 if arch.startswith("keypoint") else 3
+    torch.manual_seed(0)
+    eager = build_model(arch, n_classes, **KWARGS[arch]).eval()
+    g = torch.Generator().manual_seed(1)
+    samples = [torch.rand(3, 200, 320, generator=g), torch.rand(3, 300, 200, generator=g)]
+    manifest = export_parts(eager, samples, tmp_path, RuntimeConfig("onnxruntime"))
+    # every dense part is either exported or named with its reason; the backbone always exports
+    assert "backbone" in [p.path for p in manifest.exported]
+    assert all(p.file or p.eager_reason for p in manifest.parts)
+    torch.manual_seed(0)
+    fast = build_model(arch, n_classes, **KWARGS[arch]).eval()
+    accelerate(fast, tmp_path, RuntimeConfig("onnxruntime"), 1, torch.device("cpu"))
+    images = [(torch.rand(3, h, w, generator=g) * 255).to(torch.uint8) for h, w in ((240, 320), (320, 240))]
+    # random heads score low: compare down to the model's own score threshold, not the served floor
+    report = parity.check_parity(eager, fast, images, warmup=0, floor=KWARGS[arch].get("score_thresh", 0.05))
+    assert report.passed and report.detections > 0, report.summary()
+    print(f"\n{arch}: exported {[p.path for p in manifest.exported]}, eager {[p.path for p in manifest.eager]}; "
+          f"{report.summary()}")
+
+
+# --- archives: the gate accepts, refuses, records --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def parity_data(tmp_path_factory):
+    """A small synthetic validation split (boxes and masks), other images than the test split's."""
+    root = tmp_path_factory.mktemp("parity-data")
+    generate_split(root, "valid", 8, seed=1, cfg=SynthConfig(), progress=False, masks=True)
+    return root
+
+
+def _mar_files(mar) -> dict[str, bytes]:
+    with zipfile.ZipFile(mar) as z:
+        return {n: z.read(n) for n in z.namelist() if n.startswith("runtime/") or n == "model-config.yaml"}
+
+
+@pytest.mark.integration
+def test_accelerated_archive_needs_parity_images(tmp_path):
+    spec = archive_args(name="shapes", weights=str(DEMO_WEIGHTS), labels=str(DEMO_LABELS), arch="fcos_tiny",
+                        runtime="onnxruntime", export_path=str(tmp_path), build_dir=str(tmp_path / "b"))
+    with pytest.raises(ArchiveError, match="needs validation images .*--parity-data"):
+        build(spec)
+    spec.parity_data = str(tmp_path / "nowhere")
+    with pytest.raises(ArchiveError, match="parity images: "):
+        build(spec)
+    spec.no_check = True
+    with pytest.raises(ArchiveError, match="no-check"):
+        build(spec)
+    assert not list(tmp_path.glob("*.mar"))
+
+
+@pytest.mark.integration
+def test_parity_gate_refuses_an_archive_that_answers_differently(tmp_path, parity_data, monkeypatch):
+    """A runtime whose answers moved (here: every box regression nudged after export) is refused with
+    the figures, and no archive is written."""
+    from serve_demo.archive import accelerate as gate
+
+    real = gate.accelerate
+
+    def nudged(model, *args, **kw):
+        manifest = real(model, *args, **kw)
+        model.head.register_forward_hook(lambda _m, _a, out: {**out, "bbox_regression":
+                                                             out["bbox_regression"] + 0.05})
+        return manifest
+
+    monkeypatch.setattr(gate, "accelerate", nudged)
+    spec = archive_args(name="shapes", weights=str(DEMO_WEIGHTS), labels=str(DEMO_LABELS), arch="fcos_tiny",
+                        runtime="onnxruntime", parity_data=str(parity_data), parity_images=4,
+                        export_path=str(tmp_path), build_dir=str(tmp_path / "b"))
+    with pytest.raises(ArchiveError, match=r"onnxruntime fails the parity gate: 4 images, \d+ detections: max box "
+                                           r"difference [0-9.]+ px \(limit 0.5\).*worst: image"):
+        build(spec)
+    assert not list(tmp_path.glob("*.mar"))
+
+
+# --- served side by side ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runtime_store(tmp_path_factory, parity_data):
+    """The demo model eager, in ONNX Runtime and in OpenVINO (the last with the machine's default
+    layout: no workers or threads fixed), and the mask model in ONNX Runtime."""
+    root = tmp_path_factory.mktemp("runtime-store")
+    store = root / "store"
+    common = dict(export_path=str(store), build_dir=str(root / "build"), parity_data=str(parity_data),
+                  parity_images=8)
+    demo = dict(weights=str(DEMO_WEIGHTS), labels=str(DEMO_LABELS), arch="fcos_tiny")
+    build(archive_args(name="shapes", workers=1, **demo, **common))
+    build(archive_args(name="shapes_ort", runtime="onnxruntime", workers=1, **demo, **common))
+    build(archive_args(name="shapes_ov", runtime="openvino", threads=0, **demo, **common))
+    build(archive_args(name="masks", workers=1, weights=str(MASK_WEIGHTS), labels=str(MASK_LABELS),
+                       arch="maskrcnn_tiny", **common))
+    build(archive_args(name="masks_ort", runtime="onnxruntime", workers=1, weights=str(MASK_WEIGHTS),
+                       labels=str(MASK_LABELS), arch="maskrcnn_tiny", **common))
+    return store
+
+
+@pytest.fixture(scope="module")
+def rt_server(tmp_path_factory, runtime_store):
+    """A real TorchServe over those archives, with the access log turned on (SERVE_DEMO_ACCESS_LOG)."""
+    ts = make_server(tmp_path_factory.mktemp("runtime-home"), runtime_store)
+    ts.environment["SERVE_DEMO_ACCESS_LOG"] = "info"
+    with ts.running(240, expect=["shapes", "shapes_ort", "shapes_ov", "masks", "masks_ort"]):
+        yield ts
+
+
+@pytest.mark.integration
+def test_archive_records_runtime_parts_and_parity(runtime_store):
+    for name, runtime, parts in (("shapes_ort", "onnxruntime", ["backbone", "head"]),
+                                 ("shapes_ov", "openvino", ["backbone", "head"]),
+                                 ("masks_ort", "onnxruntime", ["backbone", "rpn.head", "roi_heads.box_head",
+                                                               "roi_heads.box_predictor", "roi_heads.mask_head",
+                                                               "roi_heads.mask_predictor"])):
+        files = _mar_files(runtime_store / f"{name}-1.0.mar")
+        config = yaml.safe_load(files["model-config.yaml"])
+        assert config["handler"]["runtime"] == {"name": runtime, "precision": "fp32"}
+        manifest = json.loads(files["runtime/runtime.json"])
+        assert [p["path"] for p in manifest["parts"] if p["file"]] == parts
+        assert all(f"runtime/{p['file']}" in files for p in manifest["parts"] if p["file"])
+        assert manifest["parity"]["passed"] and manifest["parity"]["images"] == 8
+        assert manifest["parity"]["max_box_diff_px"] <= parity.BOX_TOL
+    masks_parity = json.loads(_mar_files(runtime_store / "masks_ort-1.0.mar")["runtime/runtime.json"])["parity"]
+    assert masks_parity["max_mask_diff"] <= parity.MASK_TOL
+    eager = _mar_files(runtime_store / "shapes-1.0.mar")
+    assert "runtime/runtime.json" not in eager
+    assert "runtime" not in yaml.safe_load(eager["model-config.yaml"])["handler"]
+    ov = yaml.safe_load(_mar_files(runtime_store / "shapes_ov-1.0.mar")["model-config.yaml"])
+    assert "minWorkers" not in ov and not ov["handler"].get("threads")  # the serving machine decides
+
+
+def _tensors(payload: dict) -> dict[str, torch.Tensor]:
+    dets = payload["detections"]
+    out = {"boxes": torch.tensor([d["box"] for d in dets], dtype=torch.float32).reshape(-1, 4),
+           "scores": torch.tensor([d["score"] for d in dets], dtype=torch.float32),
+           "labels": torch.tensor([d["label_id"] for d in dets])}
+    return out
+
+
+def _mask_ious(a: dict, b: dict) -> list[float]:
+    """IoU of each detection's binarised mask with the mask of the other answer's nearest box."""
+    ious = []
+    boxes_b = torch.tensor([d["box"] for d in b["detections"]]).reshape(-1, 4)
+    for d in a["detections"]:
+        j = int((boxes_b - torch.tensor(d["box"])).abs().amax(dim=1).argmin())
+        x, y = masks.decode(d["mask"]).astype(bool), masks.decode(b["detections"][j]["mask"]).astype(bool)
+        ious.append(float((x & y).sum() / max(1, (x | y).sum())))
+    return ious
+
+
+@pytest.mark.parametrize("eager,fast", [("shapes", "shapes_ort"), ("shapes", "shapes_ov"), ("masks", "masks_ort")])
+def test_served_accelerated_answers_equal_eager(rt_server, eager, fast):
+    report = parity.ParityReport()
+    for seed in range(5):
+        data = encode(synth_image(100 + seed))
+        payloads = []
+        for model in (eager, fast):
+            r = post(rt_server, model, data, {"X-Response-Format": "detailed", "X-Threshold": str(parity.SCORE_FLOOR)})
+            assert r.status_code == 200, r.text
+            payloads.append(r.json())
+        parity.compare(_tensors(payloads[0]), _tensors(payloads[1]), report, f"seed {seed}")
+        report.images += 1
+        if eager == "masks":  # binarised masks: a probability 1e-6 from the threshold may flip an edge pixel
+            assert min(_mask_ious(*payloads), default=1.0) >= 0.99
+    assert report.detections > 20
+    assert report.passed, report.summary()
+
+
+def test_served_map_equals_eager(rt_server, test_split, tmp_path):
+    mgmt = Management(rt_server.management_url, home=rt_server.home)
+    results = {m: evaluate(test_split, "test", model=m, url=rt_server.inference_url, management=mgmt,
+                           store=rt_server.model_store, out=tmp_path / m, samples=0,
+                           token=rt_server.key("inference"))
+               for m in ("shapes", "shapes_ort", "shapes_ov")}
+    base = results["shapes"]["metrics"]["coco"]["mAP"]
+    assert base > 0.5  # the trained demo model
+    for m in ("shapes_ort", "shapes_ov"):
+        assert not results[m]["failures"]
+        got = results[m]["metrics"]["coco"]["mAP"]
+        assert abs(got - base) <= 0.002, (m, got, base)
+
+
+def test_default_layout_and_runtime_in_the_workers(rt_server):
+    layout = cpu_layout()
+    info = requests.get(f"{rt_server.management_url}/models/shapes_ov", headers=rt_server.auth(), timeout=10).json()
+    assert len(info[0]["workers"]) == layout.workers
+    log = (rt_server.home / "logs" / "model_log.log").read_text(errors="replace")
+    assert re.search(rf"shapes_ov 1\.0 ready on cpu \(openvino, {layout.threads} threads?\)", log), log[-3000:]
+    assert re.search(r"shapes_ort 1\.0 ready on cpu \(onnxruntime, \d+ threads?\)", log)
+    assert "runtime onnxruntime: ['backbone', 'head'] run in onnxruntime" in log
+
+
+def test_frontend_logs_no_line_per_request(rt_server):
+    logs = rt_server.home / "logs"
+    before = {f: len((logs / f).read_text(errors="replace").splitlines()) for f in ("ts_log.log", "model_log.log")}
+    access_before = len((logs / "access_log.log").read_text().splitlines())
+    data = encode(synth_image(3))
+    for _ in range(10):
+        assert post(rt_server, "shapes", data).status_code == 200
+    after = {f: len((logs / f).read_text(errors="replace").splitlines()) for f in before}
+    assert after == before, "per-request lines are back in ts_log.log/model_log.log (docker/log4j2.xml)"
+    access = (logs / "access_log.log").read_text().splitlines()[access_before:]
+    assert len(access) == 10 and all("/predictions/shapes" in line for line in access)  # opted in here
+
+
+def test_access_log_is_off_by_default(server):
+    data = encode(synth_image(4))
+    assert post(server, "shapes", data).status_code == 200
+    assert (server.home / "logs" / "access_log.log").read_text() == ""
