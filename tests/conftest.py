@@ -39,8 +39,10 @@ def synth_image(seed: int, size: tuple[int, int] | None = None) -> Image.Image:
 
 
 def archive_args(**kw) -> ArchiveSpec:
-    """An archive spec for tests: one thread, the repository's handler."""
-    return ArchiveSpec(**{"handler": str(ROOT / "handlers" / "detector_handler.py"), "threads": 1, **kw})
+    """An archive spec for tests: one worker with one thread (tests share two cores with servers and
+    clients; the machine's default layout is tested in test_runtime.py), the repository's handler."""
+    return ArchiveSpec(**{"handler": str(ROOT / "handlers" / "detector_handler.py"), "workers": 1, "threads": 1,
+                          **kw})
 
 
 @pytest.fixture(scope="session")

@@ -90,10 +90,13 @@ class Management:
     def default_version(self, name: str) -> str:
         return str(self.describe(name)["modelVersion"])
 
-    def register(self, archive: str, workers: int = 1, timeout: float = 300) -> str:
-        """Register an archive of the model store by file name; waits for its workers."""
-        return self._call("POST", "/models", timeout=timeout, url=archive, initial_workers=workers,
-                          synchronous="true").get("status", "")
+    def register(self, archive: str, workers: int | None = None, timeout: float = 300) -> str:
+        """Register an archive of the model store by file name; waits for its workers. ``workers``
+        None: TorchServe's choice, the archive's ``minWorkers`` or else ``default_workers_per_model``
+        (the machine's layout, :func:`serve_demo.core.layout.cpu_layout`)."""
+        extra = {"initial_workers": workers} if workers else {}
+        return self._call("POST", "/models", timeout=timeout, url=archive, synchronous="true",
+                          **extra).get("status", "")
 
     def set_default(self, name: str, version: str) -> str:
         return self._call("PUT", f"/models/{name}/{version}/set-default").get("status", "")

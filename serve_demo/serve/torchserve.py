@@ -323,7 +323,7 @@ def main_serve_kserve(args: argparse.Namespace) -> int:
 def main_serve(args: argparse.Namespace) -> int:
     """``make serve``: start, wait for READY workers, print models and a curl line."""
     from .management import Management
-    from .versions import VersionError, register_new_models, start_from_registry
+    from .versions import VersionError, archive_runtime, register_new_models, start_from_registry
 
     if args.server == "kserve":
         return main_serve_kserve(args)
@@ -353,7 +353,8 @@ def main_serve(args: argparse.Namespace) -> int:
         for v in versions:
             workers = ", ".join(w["status"] for w in v["workers"])
             default = " (default)" if str(v["modelVersion"]) == default_of[name] else ""
-            print(f"  {name} {v['modelVersion']}{default}: batch {v['batchSize']}, workers [{workers}]")
+            runtime = archive_runtime(ts.model_store / v["modelUrl"]) if v.get("modelUrl") else "?"
+            print(f"  {name} {v['modelVersion']}{default}: {runtime}, batch {v['batchSize']}, workers [{workers}]")
     first = next(iter(status))
     key = ts.key("inference")
     auth = f' -H "Authorization: Bearer {key}"' if key else ""

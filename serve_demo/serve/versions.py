@@ -51,6 +51,22 @@ def archive_identity(path: Path) -> tuple[str, str]:
     return model["modelName"], str(model.get("modelVersion", "1.0"))
 
 
+def archive_runtime(path: Path) -> str:
+    """The runtime an archive's ``model-config.yaml`` names (``eager``, ``onnxruntime``, ``openvino-int8``...)."""
+    import yaml
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            handler = (yaml.safe_load(z.read("model-config.yaml")) or {}).get("handler") or {}
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, yaml.YAMLError):
+        return "?"
+    rt = handler.get("runtime") or {}
+    if isinstance(rt, str):
+        rt = {"name": rt}
+    name, precision = rt.get("name", "eager"), rt.get("precision", "fp32")
+    return name if precision == "fp32" else f"{name}-{precision}"
+
+
 @dataclass
 class Registry:
     """The record of registered versions and defaults, stored as JSON in the model store."""
@@ -245,7 +261,7 @@ def describe_versions(name: str, store: Path, mgmt: Management) -> str:
             continue
         if n == name:
             archived[v] = mar
-    rows = [["version", "default", "status", "workers", "batch", "archive"]]
+    rows = [["version", "default", "status", "workers", "batch", "runtime", "archive"]]
     for v in sorted(set(archived) | set(served) | set(e["versions"]), key=version_key):
         desc = served.get(v)
         if desc:
@@ -256,7 +272,7 @@ def describe_versions(name: str, store: Path, mgmt: Management) -> str:
             status = "not registered" if v in archived else "archive missing"
         mar = archived.get(v)
         size = f" ({mar.stat().st_size / 1e6:.1f} MB)" if mar else ""
-        rows.append([v, "*" if v == default else "", status, workers, batch,
+        rows.append([v, "*" if v == default else "", status, workers, batch, archive_runtime(mar) if mar else "-",
                      (mar.name if mar else e["versions"].get(v, "-")) + size])
     history = " <- ".join(reversed(e.get("history", []))) or "-"
     head = f"{name}: default {default or '-'}; previous defaults (rollback order): {history}{server_note}"
@@ -472,7 +488,8 @@ def add_versions_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_register_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
-    p.add_argument("--workers", type=int, default=1, help="initial workers")
+    p.add_argument("--workers", type=int, default=None,
+                   help="initial workers (default: the archive's minWorkers, else the server's CPU/GPU layout)")
 
 
 def add_promote_arguments(p: argparse.ArgumentParser) -> None:
