@@ -54,7 +54,7 @@ def test_copy_sources_exist_and_reach_the_build_context():
 
     sources = dockerfile_copies()
     assert set(sources) == {"pyproject.toml", "README.md", "serve_demo", "docker/config.properties",
-                            "docker/metrics.yaml", "docker/healthcheck.py"}
+                            "docker/metrics.yaml", "docker/log4j2.xml", "docker/healthcheck.py"}
     for src in sources:
         assert (ROOT / src).exists(), src
         assert included(src), f"{src} is excluded by .dockerignore"

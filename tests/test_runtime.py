@@ -17,7 +17,7 @@ from torch import nn
 from serve_demo.archive import parity
 from serve_demo.archive.builder import ArchiveError, build
 from serve_demo.core import masks
-from serve_demo.core.layout import WORKERS_ENV, available_cpus, cpu_layout, worker_threads
+from serve_demo.core.layout import WORKERS_ENV, available_cpus, cpu_layout, runtime_threads, worker_threads
 from serve_demo.core.models import available_archs, build_model
 from serve_demo.core.runtime import (
     RuntimeConfig,
@@ -88,6 +88,13 @@ def test_available_cpus_follows_the_cgroup_quota(tmp_path):
     assert available_cpus(v1) == 1
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert available_cpus(v1) == mine
+
+
+@pytest.mark.parametrize("threads,workers,cpus,expected", [
+    (1, 1, 1, 1), (2, 1, 2, 2), (1, 2, 2, 2), (1, 16, 16, 2), (2, 16, 32, 4), (1, 3, 2, 2),
+])
+def test_runtime_threads_borrow_an_idle_neighbour_core(threads, workers, cpus, expected):
+    assert runtime_threads(threads, workers, cpus) == expected
 
 
 def test_worker_threads_share_the_cpus(monkeypatch):
@@ -392,8 +399,10 @@ def test_default_layout_and_runtime_in_the_workers(rt_server):
     info = requests.get(f"{rt_server.management_url}/models/shapes_ov", headers=rt_server.auth(), timeout=10).json()
     assert len(info[0]["workers"]) == layout.workers
     log = (rt_server.home / "logs" / "model_log.log").read_text(errors="replace")
-    assert re.search(rf"shapes_ov 1\.0 ready on cpu \(openvino, {layout.threads} threads?\)", log), log[-3000:]
-    assert re.search(r"shapes_ort 1\.0 ready on cpu \(onnxruntime, \d+ threads?\)", log)
+    assert re.search(rf"shapes_ov 1\.0 ready on cpu \(openvino, {layout.threads} threads, "
+                     rf"{layout.runtime_threads} runtime threads\)", log), log[-3000:]
+    # an archive that fixes its threads (the tests' archives: 1) gets them for the runtime too
+    assert "shapes_ort 1.0 ready on cpu (onnxruntime, 1 threads, 1 runtime threads)" in log
     assert "runtime onnxruntime: ['backbone', 'head'] run in onnxruntime" in log
 
 

@@ -78,7 +78,9 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
             candidates = [RuntimeConfig.from_yaml({"name": spec.runtime, "precision": spec.precision})]
         except ValueError as exc:
             raise ArchiveError(str(exc)) from None
-    threads = spec.threads or cpu_layout(workers=spec.workers).threads
+    layout = cpu_layout(workers=spec.workers)
+    threads = spec.threads or layout.threads
+    rt_threads = spec.threads or layout.runtime_threads  # what a worker of the default layout will use
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # timed as a worker of the default layout runs
     try:
@@ -96,9 +98,9 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
                 log.warning("auto: %s skipped: %s", rt.label, exc)
                 continue
             accelerated = _load(stage, weights, model_file, cfg, labels)
-            accelerate(accelerated, folder, rt, threads, torch.device("cpu"))
+            accelerate(accelerated, folder, rt, rt_threads, torch.device("cpu"))
             report = check_parity(eager, accelerated, images)
-            manifest.parity = {**report.as_dict(), "threads": threads,
+            manifest.parity = {**report.as_dict(), "threads": threads, "runtime_threads": rt_threads,
                                "gate": "pixel parity" if rt.precision == "fp32" else "promotion mAP gate"}
             manifest.write(folder)
             log.info("%s (%s): %s", rt.label, ", ".join(p.path for p in manifest.exported), report.summary())
@@ -128,8 +130,8 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
         return RuntimeConfig()
     shutil.copytree(folder, stage / RUNTIME_DIR)
     manifest = RuntimeManifest.read(stage / RUNTIME_DIR)
-    log.info("runtime %s: %d of %d parts exported, %.2fx eager per image at %d thread(s)", rt.label,
-             len(manifest.exported), len(manifest.parts), report.speedup, threads)
+    log.info("runtime %s: %d of %d parts exported, %.2fx eager per image (torch %d thread(s), runtime %d)",
+             rt.label, len(manifest.exported), len(manifest.parts), report.speedup, threads, rt_threads)
     return rt
 
 

@@ -30,6 +30,7 @@ import json
 import logging
 import multiprocessing
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -144,7 +145,8 @@ def multipart_sender(url: str, headers: dict[str, str]) -> Callable[[requests.Se
 
 
 
-def _inprocess_worker(mar: str, threads: int, images: list[bytes], warm: list[bytes], barrier, results) -> None:
+def _inprocess_worker(mar: str, threads: int, runtime_threads: int | None, images: list[bytes], warm: list[bytes],
+                      barrier, results) -> None:
     """One in-process measurement process: load, warm up, wait for the others, run its share."""
     import torch
 
@@ -153,7 +155,7 @@ def _inprocess_worker(mar: str, threads: int, images: list[bytes], warm: list[by
 
     logging.disable(logging.WARNING)
     torch.set_num_threads(threads)
-    model = Detector.from_archive(mar, threads=threads)
+    model = Detector.from_archive(mar, threads=threads, runtime_threads=runtime_threads)
     for data in warm:
         model.predict(data, 0.5, "stock")
     barrier.wait()
@@ -165,22 +167,36 @@ def _inprocess_worker(mar: str, threads: int, images: list[bytes], warm: list[by
     results.put((start, time.time(), latencies))
 
 
-def bench_inprocess(mar: Path, images: list[bytes], processes: int, threads: int, total: int) -> dict[str, Any]:
-    """``processes`` copies of the archive's model, each with ``threads`` threads, sharing ``total``
-    images back to back (decode + model + JSON, no server): throughput and per-image latency."""
+def bench_inprocess(mar: Path, images: list[bytes], processes: int, threads: int, total: int,
+                    runtime_threads: int | None = None) -> dict[str, Any]:
+    """``processes`` copies of the archive's model, each with ``threads`` threads (``runtime_threads``
+    for an accelerated runtime, default the same), sharing ``total`` images back to back (decode +
+    model + JSON, no server): throughput and per-image latency."""
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
     share = [[images[i % len(images)] for i in range(k, total, processes)] for k in range(processes)]
-    procs = [ctx.Process(target=_inprocess_worker, args=(str(mar), threads, share[k], images[:3], barrier, results))
+    procs = [ctx.Process(target=_inprocess_worker,
+                         args=(str(mar), threads, runtime_threads, share[k], images[:3], barrier, results))
              for k in range(processes)]
     for p in procs:
         p.start()
-    got = [results.get(timeout=1800) for _ in procs]
+    got: list[tuple] = []
+    while len(got) < processes:
+        try:
+            got.append(results.get(timeout=5))
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"an in-process measurement of {mar.name} died (exit {dead[0].exitcode}): "
+                                   f"run Detector.from_archive({str(mar)!r}) to see why") from None
     for p in procs:
         p.join(60)
     start, end = min(g[0] for g in got), max(g[1] for g in got)
     latencies = [x for g in got for x in g[2]]
-    return {"layout": f"{processes}p x {threads}t", "processes": processes, "threads": threads,
+    rt = f" (runtime {runtime_threads}t)" if runtime_threads and runtime_threads != threads else ""
+    return {"layout": f"{processes}p x {threads}t{rt}", "processes": processes, "threads": threads,
             "throughput_rps": round(len(latencies) / (end - start), 2), **stats(latencies), "latencies": latencies}
 
 
@@ -415,7 +431,8 @@ def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) 
     n = args.images or model.images
     images = load_images(Path(args.dataset), args.split, n)
     n_lat, n_load = n, n * 2
-    layouts = sorted({(1, cores), (cores, 1), (cpu_layout(cores).workers, cpu_layout(cores).threads)})
+    shipped = cpu_layout(cores)
+    layouts = sorted({(1, cores, None), (cores, 1, None), (shipped.workers, shipped.threads, None)})
 
     log.info("%s: archives (eager, auto = the shipped default, and the other runtime)", model.title)
     eager_mar, _ = ours_archive(weights, labels, model.arch, store, build, "eager", "eager", Path(args.dataset),
@@ -432,8 +449,10 @@ def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) 
 
     inproc = []
     for rt, mar in (("eager", eager_mar), *runtime_mars.items()):
-        for p, t in layouts:
-            row = bench_inprocess(mar, images, p, t, n_load if p > 1 else n_lat)
+        extra = [(shipped.workers, shipped.threads, shipped.runtime_threads)] if (
+            rt != "eager" and shipped.runtime_threads != shipped.threads) else []
+        for p, t, r in layouts + extra:  # the last: what a served worker of the default layout runs
+            row = bench_inprocess(mar, images, p, t, n_load if p > 1 else n_lat, r)
             inproc.append({"runtime": rt, **row})
             log.info("in-process %s %s: %.1f images/s, p50 %.1f ms", rt, row["layout"], row["throughput_rps"],
                      row["p50_ms"])
@@ -445,7 +464,8 @@ def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) 
     try:
         ws = requests.get(f"{ts.management_url}/models/shipped", headers=ts.auth(), timeout=10).json()[0]["workers"]
         send = multipart_sender(f"{ts.inference_url}/predictions/shipped", ts.auth("inference"))
-        label = f"ours, shipped defaults ({shipped_runtime}, {len(ws)} workers x {cpu_layout(cores).threads} threads)"
+        label = (f"ours, shipped defaults ({shipped_runtime}, {len(ws)} workers x {shipped.threads} threads"
+                 + (f", runtime {shipped.runtime_threads}" if shipped_runtime != "eager" else "") + ")")
         rows.append(server_row(label, "ours", measure_server(send, images, n_lat, n_load)))
         rate, cpu = jvm_cpu_per_request(ts, send, images, n_load)
         frontend["shipped log4j2.xml"] = {"throughput_rps": rate, "jvm_cpu_ms_per_request": cpu}

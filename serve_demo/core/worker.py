@@ -22,7 +22,7 @@ from .capture import CaptureConfig, Capturer
 from .config import LABEL_FILE, HandlerConfig
 from .envelopes import Parsed, error_answer, is_enveloped, parse_row, wrap
 from .imaging import RequestError, decode_image
-from .layout import worker_threads
+from .layout import worker_layout
 from .loader import ArchiveFiles, configure_threads, load_detector, open_archive, read_label_map
 from .pipeline import Request, format_output, run_detector
 from .runtime import RuntimeConfig
@@ -66,12 +66,14 @@ class Detector:
         files: the archive on disk (:func:`serve_demo.core.loader.open_archive`).
         device: where the model runs (``cpu``, ``cuda:N``).
         threads: torch intra-op threads to set (None: ``handler.threads`` of the archive, where 0 means
-            the machine's layout, :func:`serve_demo.core.layout.cpu_layout`; 0: leave the process's
+            the machine's layout, :func:`serve_demo.core.layout.worker_layout`; 0: leave the process's
             setting alone).
+        runtime_threads: an accelerated runtime's threads (None: the layout's when it chose the
+            threads, else the torch threads).
     """
 
     def __init__(self, files: ArchiveFiles, device: torch.device | str = "cpu",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, runtime_threads: int | None = None) -> None:
         self.files = files
         self.device = torch.device(device)
         self.cfg = HandlerConfig.from_yaml(files.config.get("handler"))
@@ -81,8 +83,12 @@ class Detector:
                         "onnxruntime for the GPU)", self.device)
             self.device = torch.device("cpu")
         if threads is None:  # a server's worker: the archive's threads, or the machine's layout
-            threads = worker_threads(files.config) if self.device.type == "cpu" else self.cfg.threads
+            layout = worker_layout(files.config)
+            threads = layout.threads if self.device.type == "cpu" else self.cfg.threads
+            if self.device.type == "cpu" and not self.cfg.threads and not runtime_threads:
+                runtime_threads = layout.runtime_threads
         configure_threads(threads)
+        self.runtime_threads = runtime_threads or torch.get_num_threads()
         self.name, self.version = files.name, files.version
         self.names = read_label_map(files.model_dir / LABEL_FILE)
         model_dir = str(files.model_dir)
@@ -91,7 +97,8 @@ class Detector:
             sys.path.insert(0, model_dir)
         try:
             self.model = load_detector(files.model_dir, files.manifest.get("serializedFile"),
-                                       files.manifest.get("modelFile"), self.cfg, len(self.names), self.device)
+                                       files.manifest.get("modelFile"), self.cfg, len(self.names), self.device,
+                                       runtime_threads=self.runtime_threads)
         finally:
             if added:
                 sys.path.remove(model_dir)
@@ -100,8 +107,10 @@ class Detector:
         self.sink: observe.Sink | None = None  # the server's metrics (observe.TorchServeSink, PrometheusSink)
         capture = CaptureConfig.from_yaml(self.cfg.capture)
         self.capturer = Capturer(capture, self.name, self.version, self.names) if capture.enabled else None
-        log.info("%s %s ready on %s (%s, %d threads): %d classes, threshold %.2f, format %s", self.name,
-                 self.version, self.device, self.runtime.label, torch.get_num_threads(), len(self.names) - 1,
+        threads_note = f"{torch.get_num_threads()} threads" + (
+            f", {self.runtime_threads} runtime threads" if self.runtime.accelerated else "")
+        log.info("%s %s ready on %s (%s, %s): %d classes, threshold %.2f, format %s", self.name,
+                 self.version, self.device, self.runtime.label, threads_note, len(self.names) - 1,
                  self.cfg.threshold, self.cfg.response_format)
 
     def attach_metrics(self, sink: observe.Sink) -> None:
@@ -113,9 +122,11 @@ class Detector:
             log.exception("metrics sink refused WorkerStarts")
 
     @classmethod
-    def from_archive(cls, path: str | Path, device: torch.device | str = "cpu", threads: int = 0) -> Detector:
-        """Load a ``.mar`` file or its unpacked folder (``threads`` 0 leaves torch's setting alone)."""
-        return cls(open_archive(path), device, threads)
+    def from_archive(cls, path: str | Path, device: torch.device | str = "cpu", threads: int = 0,
+                     runtime_threads: int | None = None) -> Detector:
+        """Load a ``.mar`` file or its unpacked folder (``threads`` 0 leaves torch's setting alone;
+        ``runtime_threads``: an accelerated runtime's, default torch's)."""
+        return cls(open_archive(path), device, threads, runtime_threads)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, manifest: dict, config: dict | None,
