@@ -5,7 +5,6 @@ TorchServe serving eager and accelerated archives of the committed models side b
 from __future__ import annotations
 
 import json
-import re
 import zipfile
 
 import pytest
@@ -20,11 +19,14 @@ from serve_demo.core import masks
 from serve_demo.core.layout import WORKERS_ENV, available_cpus, cpu_layout, runtime_threads, worker_threads
 from serve_demo.core.models import available_archs, build_model
 from serve_demo.core.runtime import (
+    Occupancy,
     RuntimeConfig,
     RuntimeManifest,
+    ThreadChoice,
     accelerate,
     export_parts,
     flatten,
+    thread_choice,
     unflatten,
 )
 from serve_demo.data.synth import SynthConfig, generate_split
@@ -95,6 +97,26 @@ def test_available_cpus_follows_the_cgroup_quota(tmp_path):
 ])
 def test_runtime_threads_borrow_an_idle_neighbour_core(threads, workers, cpus, expected):
     assert runtime_threads(threads, workers, cpus) == expected
+
+
+def test_occupancy_lets_a_lone_worker_go_wide(tmp_path):
+    import os
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    dead = child.pid  # reaped: no such process now
+    (tmp_path / str(dead)).touch()  # a worker that died inside a forward pass
+    occ = Occupancy(tmp_path)
+    assert not (tmp_path / str(dead)).exists()
+    choice = ThreadChoice(1, 2)
+    with occ.inside(choice):
+        assert choice.use_wide and (tmp_path / str(os.getpid())).exists()
+    assert not choice.use_wide and not list(tmp_path.iterdir())
+    (tmp_path / str(os.getppid())).touch()  # another live worker is busy
+    with occ.inside(choice):
+        assert not choice.use_wide
+    assert [p.name for p in tmp_path.iterdir()] == [str(os.getppid())]
 
 
 def test_worker_threads_share_the_cpus(monkeypatch):
@@ -198,11 +220,15 @@ def test_export_keeps_a_wrongly_traced_part_eager_and_says_why(tmp_path, runtime
     assert RuntimeManifest.read(tmp_path).eager[0].eager_reason == head.eager_reason  # recorded in runtime.json
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.onnx", "runtime.json"]
     fast = _ToyDetector().eval()
-    accelerate(fast, tmp_path, RuntimeConfig(runtime), 1, torch.device("cpu"))
+    accelerate(fast, tmp_path, RuntimeConfig(runtime), 1, torch.device("cpu"), wide_threads=2)
     assert type(fast.backbone).__name__ == "CompiledPart" and isinstance(fast.head, _ShapeDependentHead)
-    for img in images + [torch.rand(3, 64, 48)]:
-        with torch.no_grad():
-            assert torch.allclose(model([img])[0]["scores"], fast([img])[0]["scores"], atol=1e-5)
+    choice = thread_choice(fast)
+    assert (choice.narrow, choice.wide) == (1, 2) and fast.backbone.wide is not None
+    for wide in (False, True):  # both sessions answer like eager
+        choice.use_wide = wide
+        for img in images + [torch.rand(3, 64, 48)]:
+            with torch.no_grad():
+                assert torch.allclose(model([img])[0]["scores"], fast([img])[0]["scores"], atol=1e-5)
     with pytest.raises(ValueError, match="rebuild the archive"):
         accelerate(_ToyDetector().eval(), tmp_path, RuntimeConfig("onnxruntime" if runtime == "openvino"
                                                                   else "openvino"), 1, torch.device("cpu"))
@@ -399,10 +425,10 @@ def test_default_layout_and_runtime_in_the_workers(rt_server):
     info = requests.get(f"{rt_server.management_url}/models/shapes_ov", headers=rt_server.auth(), timeout=10).json()
     assert len(info[0]["workers"]) == layout.workers
     log = (rt_server.home / "logs" / "model_log.log").read_text(errors="replace")
-    assert re.search(rf"shapes_ov 1\.0 ready on cpu \(openvino, {layout.threads} threads, "
-                     rf"{layout.runtime_threads} runtime threads\)", log), log[-3000:]
+    wide = f", runtime {layout.runtime_threads} threads when alone" if layout.runtime_threads > layout.threads else ""
+    assert f"shapes_ov 1.0 ready on cpu (openvino, {layout.threads} threads{wide})" in log, log[-3000:]
     # an archive that fixes its threads (the tests' archives: 1) gets them for the runtime too
-    assert "shapes_ort 1.0 ready on cpu (onnxruntime, 1 threads, 1 runtime threads)" in log
+    assert "shapes_ort 1.0 ready on cpu (onnxruntime, 1 threads)" in log
     assert "runtime onnxruntime: ['backbone', 'head'] run in onnxruntime" in log
 
 

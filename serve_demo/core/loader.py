@@ -142,9 +142,10 @@ def num_classes_of(model: nn.Module) -> int | None:
 
 def load_detector(model_dir: str | Path, weights: str | None, model_file: str | None,
                   cfg: HandlerConfig, num_labels: int, device: torch.device,
-                  runtime_threads: int | None = None) -> nn.Module:
+                  wide_threads: int | None = None) -> nn.Module:
     """Build the detector named by ``cfg.arch`` (or the model file's class), load weights, and put
-    its exported parts in the archive's runtime (``runtime_threads``; default: torch's threads).
+    its exported parts in the archive's runtime (torch's threads; ``wide_threads``: also sessions with
+    that many, for a worker running alone, :class:`serve_demo.core.runtime.Occupancy`).
 
     Raises:
         ValueError / FileNotFoundError: with the path and the mismatch named.
@@ -176,7 +177,7 @@ def load_detector(model_dir: str | Path, weights: str | None, model_file: str | 
         model = model.to(memory_format=torch.channels_last)
     runtime = RuntimeConfig.from_yaml(cfg.runtime)
     if runtime.accelerated:
-        accelerate(model, model_dir / RUNTIME_DIR, runtime, runtime_threads or torch.get_num_threads(), device)
+        accelerate(model, model_dir / RUNTIME_DIR, runtime, torch.get_num_threads(), device, wide_threads)
     return model
 
 

@@ -15,8 +15,10 @@ themselves are imported only when an archive asks for them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import threading
 import warnings
 from collections import OrderedDict
@@ -263,16 +265,65 @@ def open_session(path: Path, runtime: RuntimeConfig, threads: int, device: torch
     raise ValueError(f"no session for runtime {runtime.name!r}")
 
 
-class CompiledPart(nn.Module):
-    """Stands in for a dense part: same arguments, same (nested) result, computed by a runtime."""
+class ThreadChoice:
+    """Whether the model's compiled parts run their wide sessions (more threads) on the next call:
+    set per batch by the worker from :class:`Occupancy`, shared by all parts of one model."""
 
-    def __init__(self, session: Session, record: PartRecord, device: torch.device) -> None:
+    def __init__(self, narrow: int, wide: int) -> None:
+        self.narrow, self.wide, self.use_wide = narrow, wide, False
+
+
+class Occupancy:
+    """Which workers of one model are inside a forward pass now: one marker file per busy worker
+    process in a folder they share (the server's temp dir). A worker that finds itself alone may use
+    the cores its idle neighbours leave (:class:`ThreadChoice`); a few microseconds per batch."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.mine = folder / str(os.getpid())
+        for p in folder.iterdir():  # markers of workers that died inside a forward pass
+            if p.name.isdigit() and p.name != self.mine.name and not _alive(int(p.name)):
+                p.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def inside(self, choice: ThreadChoice) -> Iterator[None]:
+        """Marks this worker busy for the block and sets ``choice`` from the others' markers."""
+        self.mine.touch()
+        try:
+            with os.scandir(self.folder) as entries:
+                choice.use_wide = not any(e.name != self.mine.name for e in entries)
+            yield
+        finally:
+            choice.use_wide = False
+            self.mine.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class CompiledPart(nn.Module):
+    """Stands in for a dense part: same arguments, same (nested) result, computed by a runtime (its
+    wide session when the model's :class:`ThreadChoice` says so)."""
+
+    def __init__(self, session: Session, record: PartRecord, device: torch.device, wide: Session | None = None,
+                 choice: ThreadChoice | None = None) -> None:
         super().__init__()
         self.session, self.record, self.device = session, record, device
+        self.wide, self.choice = wide, choice
 
     def forward(self, *args: Any) -> Any:
         flat, _ = flatten(args)
-        outs = self.session.run(flat)
+        session = self.wide if self.wide is not None and self.choice is not None and self.choice.use_wide \
+            else self.session
+        outs = session.run(flat)
         if self.device.type != "cpu":
             outs = [o.to(self.device, non_blocking=True) for o in outs]
         return unflatten(iter(outs), self.record.out_spec)
@@ -281,9 +332,16 @@ class CompiledPart(nn.Module):
         return f"{self.record.path} -> {self.record.file}"
 
 
+def thread_choice(model: nn.Module) -> ThreadChoice | None:
+    """The :class:`ThreadChoice` of a model whose parts have wide sessions (None otherwise)."""
+    return next((m.choice for m in model.modules() if isinstance(m, CompiledPart) and m.choice), None)
+
+
 def accelerate(model: nn.Module, folder: Path, runtime: RuntimeConfig, threads: int,
-               device: torch.device) -> RuntimeManifest:
+               device: torch.device, wide_threads: int | None = None) -> RuntimeManifest:
     """Replace the exported parts of ``model`` by their compiled graphs from ``folder`` (in place).
+    ``wide_threads`` > ``threads`` (CPU): each part also gets a session with that many threads, used
+    when the worker runs alone (:class:`Occupancy`).
 
     Raises:
         RuntimeUnavailable / FileNotFoundError: the runtime or a part's file is missing.
@@ -292,12 +350,15 @@ def accelerate(model: nn.Module, folder: Path, runtime: RuntimeConfig, threads: 
     if manifest.runtime != runtime.name or manifest.precision != runtime.precision:
         raise ValueError(f"{folder / MANIFEST} holds {manifest.runtime}/{manifest.precision} parts but "
                          f"model-config.yaml asks for {runtime.name}/{runtime.precision}: rebuild the archive")
+    dual = device.type == "cpu" and wide_threads is not None and wide_threads > threads
+    choice = ThreadChoice(threads, wide_threads) if dual else None
     for rec in manifest.exported:
         if submodule(model, rec.path) is None:
             raise ValueError(f"{rec.path} was exported but the model has no such part: the archive's model "
                              "and its runtime files disagree; rebuild the archive")
+        wide = open_session(folder / rec.file, runtime, wide_threads, device) if dual else None
         set_submodule(model, rec.path, CompiledPart(open_session(folder / rec.file, runtime, threads, device),
-                                                    rec, device))
+                                                    rec, device, wide, choice))
     if manifest.eager:
         log.warning("runtime %s: parts %s stay eager (%s)", runtime.label, [p.path for p in manifest.eager],
                     "; ".join(f"{p.path}: {p.eager_reason}" for p in manifest.eager))

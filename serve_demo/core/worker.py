@@ -8,8 +8,10 @@ answer alike, and a request that is bad on one is bad, with the same code, on th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from .imaging import RequestError, decode_image
 from .layout import worker_layout
 from .loader import ArchiveFiles, configure_threads, load_detector, open_archive, read_label_map
 from .pipeline import Request, format_output, run_detector
-from .runtime import RuntimeConfig
+from .runtime import Occupancy, RuntimeConfig, thread_choice
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
@@ -88,7 +90,7 @@ class Detector:
             if self.device.type == "cpu" and not self.cfg.threads and not runtime_threads:
                 runtime_threads = layout.runtime_threads
         configure_threads(threads)
-        self.runtime_threads = runtime_threads or torch.get_num_threads()
+        self.runtime_threads = max(runtime_threads or 0, torch.get_num_threads())  # when alone
         self.name, self.version = files.name, files.version
         self.names = read_label_map(files.model_dir / LABEL_FILE)
         model_dir = str(files.model_dir)
@@ -98,17 +100,20 @@ class Detector:
         try:
             self.model = load_detector(files.model_dir, files.manifest.get("serializedFile"),
                                        files.manifest.get("modelFile"), self.cfg, len(self.names), self.device,
-                                       runtime_threads=self.runtime_threads)
+                                       wide_threads=self.runtime_threads)
         finally:
             if added:
                 sys.path.remove(model_dir)
+        self.choice = thread_choice(self.model)  # wide runtime sessions: used when no other worker is busy
+        self.occupancy = Occupancy(Path(tempfile.gettempdir()) / f"serve_demo-busy-{self.name}-{self.version}") \
+            if self.choice else None
         self.timing = Timing()
         self.stats = observe.BatchStats()
         self.sink: observe.Sink | None = None  # the server's metrics (observe.TorchServeSink, PrometheusSink)
         capture = CaptureConfig.from_yaml(self.cfg.capture)
         self.capturer = Capturer(capture, self.name, self.version, self.names) if capture.enabled else None
         threads_note = f"{torch.get_num_threads()} threads" + (
-            f", {self.runtime_threads} runtime threads" if self.runtime.accelerated else "")
+            f", runtime {self.runtime_threads} threads when alone" if self.choice else "")
         log.info("%s %s ready on %s (%s, %s): %d classes, threshold %.2f, format %s", self.name,
                  self.version, self.device, self.runtime.label, threads_note, len(self.names) - 1,
                  self.cfg.threshold, self.cfg.response_format)
@@ -145,7 +150,8 @@ class Detector:
         if not images:
             return []
         t0 = time.perf_counter()
-        outputs = iter(run_detector(self.model, images, self.device, self.cfg.fp16, self.cfg.pin_memory))
+        with self._inside():
+            outputs = iter(run_detector(self.model, images, self.device, self.cfg.fp16, self.cfg.pin_memory))
         t1 = time.perf_counter()
         answers = []
         for p in parsed:
@@ -243,8 +249,13 @@ class Detector:
         req = Request(decode_image(data, self.cfg.max_image_pixels),
                       self.cfg.threshold if threshold is None else threshold, response_format,
                       self.cfg.mask_threshold)
-        out = run_detector(self.model, [req.image], self.device)[0]
+        with self._inside():
+            out = run_detector(self.model, [req.image], self.device)[0]
         return self.format(out, req)
+
+    def _inside(self) -> contextlib.AbstractContextManager:
+        """The forward pass's occupancy mark (picks the runtime's wide sessions when alone)."""
+        return self.occupancy.inside(self.choice) if self.occupancy else contextlib.nullcontext()
 
     def close(self) -> None:
         """Remove an extracted ``.mar`` copy."""
