@@ -150,8 +150,7 @@ class Detector:
         if not images:
             return []
         t0 = time.perf_counter()
-        with self._inside():
-            outputs = iter(run_detector(self.model, images, self.device, self.cfg.fp16, self.cfg.pin_memory))
+        outputs = iter(run_detector(self.model, images, self.device, self.cfg.fp16, self.cfg.pin_memory))
         t1 = time.perf_counter()
         answers = []
         for p in parsed:
@@ -215,8 +214,13 @@ class Detector:
         """A batch of requests in, one :class:`Answer` per request out (bad ones get their own 4xx).
 
         Every good image of the batch goes through the model at once; mixed sizes are fine
-        (a list, never stacked).
+        (a list, never stacked). The whole batch (decode, model, answers) is marked busy for the
+        other workers (:class:`serve_demo.core.runtime.Occupancy`).
         """
+        with self._inside():
+            return self._handle(rows, headers)
+
+    def _handle(self, rows: list[dict], headers: list[dict]) -> list[Answer]:
         self.timing = Timing()
         self.stats = observe.BatchStats(requests=len(rows))
         t0 = time.perf_counter()
@@ -246,15 +250,15 @@ class Detector:
         Raises:
             RequestError: the bytes are not an image this server decodes.
         """
-        req = Request(decode_image(data, self.cfg.max_image_pixels),
-                      self.cfg.threshold if threshold is None else threshold, response_format,
-                      self.cfg.mask_threshold)
         with self._inside():
+            req = Request(decode_image(data, self.cfg.max_image_pixels),
+                          self.cfg.threshold if threshold is None else threshold, response_format,
+                          self.cfg.mask_threshold)
             out = run_detector(self.model, [req.image], self.device)[0]
-        return self.format(out, req)
+            return self.format(out, req)
 
     def _inside(self) -> contextlib.AbstractContextManager:
-        """The forward pass's occupancy mark (picks the runtime's wide sessions when alone)."""
+        """The request's occupancy mark (picks the runtime's wide sessions when no other worker is busy)."""
         return self.occupancy.inside(self.choice) if self.occupancy else contextlib.nullcontext()
 
     def close(self) -> None:
