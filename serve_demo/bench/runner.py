@@ -570,7 +570,7 @@ def main(args: argparse.Namespace) -> int:
     steps.close()
     for k in keys:
         print((Path(args.out) / k / "bench.md").read_text())
-    busy_after, loads_after = busy(cores)
+    _, loads_after = busy(cores)
     print(f"load average before {args.load_before}, after {loads_after}")
     return 0 if results else 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -107,14 +108,16 @@ class TorchServe:
         env = dict(os.environ)
         env.update({"TMPDIR": str(self.tmp), "LOG_LOCATION": str(self.home / "logs"),
                     "METRICS_LOCATION": str(self.home / "logs")})
-        env[WORKERS_ENV] = str(self.default_workers())
+        env[WORKERS_ENV] = str(self.default_workers)
         env.update(self.environment)
         return env
 
+    @functools.cached_property
     def default_workers(self) -> int:
         """Workers per model that does not fix its own: the base config's ``default_workers_per_model``
         if it sets one, else one per GPU, else the CPU layout's (:func:`serve_demo.core.layout.cpu_layout`).
-        Workers read it from ``SERVE_DEMO_WORKERS`` to take their share of the CPUs."""
+        Workers read it from ``SERVE_DEMO_WORKERS`` to take their share of the CPUs (computed once:
+        it may run ``nvidia-smi``)."""
         fixed = read_properties(self.base_config).get("default_workers_per_model", "").strip()
         if fixed.isdigit() and int(fixed) > 0:
             return int(fixed)
@@ -134,7 +137,7 @@ class TorchServe:
             "allowed_urls": f"file://{self.model_store}/.*",
             "load_models": self.models,
             "vmargs": f"-Xmx1g -XX:+UseContainerSupport -Djava.io.tmpdir={self.tmp}",
-            "default_workers_per_model": str(self.default_workers()),
+            "default_workers_per_model": str(self.default_workers),
         })
         metrics = self.base_config.parent / "metrics.yaml"  # beside the config, here and in the image
         if metrics.is_file():
