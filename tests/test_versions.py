@@ -196,7 +196,7 @@ def test_register_refuses_what_is_not_in_the_store(server, capsys):
     conn = ["--management-url", server.management_url, "--model-store", str(server.model_store),
             "--home", str(server.home)]
     assert cli.main(["register", "--model", "shapes", "--version", "9.9", *conn]) == 2
-    assert "shapes-9.9.mar not found" in capsys.readouterr().err
+    assert "no archive of shapes 9.9" in capsys.readouterr().err
     for url in ("http://127.0.0.1:9/evil.mar", "file:///etc/passwd", "../shapes-1.0.mar"):
         r = requests.post(f"{server.management_url}/models", params={"url": url}, headers=server.auth(), timeout=30)
         assert r.status_code in (400, 404), (url, r.status_code, r.text)

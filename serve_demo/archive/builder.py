@@ -27,7 +27,7 @@ import yaml
 
 from serve_demo.core import defaults
 from serve_demo.core.config import LABEL_FILE, HandlerConfig
-from serve_demo.core.loader import duplicate_labels, load_detector, read_label_map
+from serve_demo.core.loader import ModelFileError, duplicate_labels, load_detector, program_kind, read_label_map
 from serve_demo.core.models import DEMO_ARCH, available_archs, fit_state_dict, load_state_dict_file, task_of
 from serve_demo.core.pipeline import keypoint_names_for
 from serve_demo.core.runtime import PRECISIONS, RUNTIMES, RuntimeConfig
@@ -239,6 +239,8 @@ def bare_model(stage: Path, model_file: Path | None, cfg: HandlerConfig, labels:
         with _importable(stage, model_file):
             return load_detector(stage, None, str(model_file) if model_file else None, cfg, len(labels),
                                  torch.device("cpu"))
+    except ModelFileError as exc:
+        raise ArchiveError(str(exc)) from None
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, TypeError) as exc:
         raise ArchiveError(f"{exc} (the label map names {len(labels)} classes, background included)") from None
 
@@ -257,6 +259,8 @@ def check_model(stage: Path, weights: Path, model_file: Path | None, cfg: Handle
             with torch.inference_mode():
                 out = model([torch.rand(3, 240, 320)])
             elapsed = time.perf_counter() - t0
+    except ModelFileError as exc:
+        raise ArchiveError(str(exc)) from None
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, TypeError) as exc:
         raise ArchiveError(f"{exc} (the label map names {len(labels)} classes, background included)") from None
     if not (isinstance(out, list) and len(out) == 1 and isinstance(out[0], dict)
@@ -325,6 +329,9 @@ def build(spec: ArchiveSpec) -> Path:
         raise ArchiveError(f"model file {spec.model_file} not found")
     if spec.model_file and spec.arch:
         raise ArchiveError("give --arch or --model-file, not both")
+    kind = program_kind(weights)
+    if kind:  # TorchScript / exported: the file is the model; --arch / --model-file only name its eager twin
+        return build_program(spec, kind, weights, labels_path)
     arch = None if spec.model_file else (spec.arch or DEMO_ARCH)
     try:
         labels = read_label_map(labels_path)
@@ -365,11 +372,17 @@ def build(spec: ArchiveSpec) -> Path:
             config = model_config(spec, arch, chosen)
             (build_dir / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
+    return run_archiver(spec, weights, model_file, stage, build_dir, tmp, filename)
+
+
+def run_archiver(spec: ArchiveSpec, weights: Path, model_file: Path | None, stage: Path, build_dir: Path,
+                 tmp: Path, filename: str) -> Path:
+    """``torch-model-archiver`` with a private ``TMPDIR``; the archive moved to ``EXPORT/filename``."""
     export = Path(spec.export_path).resolve()
     export.mkdir(parents=True, exist_ok=True)
     cmd = [shutil.which("torch-model-archiver") or str(Path(sys.executable).parent / "torch-model-archiver"),
-           "--model-name", spec.name, "--version", str(spec.version),
-           "--serialized-file", str(weights), "--model-file", str(model_file.resolve()),
+           "--model-name", spec.name, "--version", str(spec.version), "--serialized-file", str(weights),
+           *(["--model-file", str(model_file.resolve())] if model_file else []),
            "--handler", str(Path(spec.handler).resolve()),
            "--extra-files", str(stage), "--config-file", str(build_dir / "model-config.yaml"),
            "--export-path", str(tmp), "--force"]
@@ -381,6 +394,111 @@ def build(spec: ArchiveSpec) -> Path:
     mar = export / filename
     shutil.move(str(tmp / f"{spec.name}.mar"), str(mar))
     return mar
+
+
+def build_program(spec: ArchiveSpec, kind: str, weights: Path, labels_path: Path) -> Path:
+    """Archive a TorchScript / exported detector: loaded and run as a worker will, and, when
+    ``--arch`` or ``--model-file`` names the eager model it came from (and the program's weights fit
+    it), parity-checked against that model on the parity images (else on the check image)."""
+    filename = archive_filename(spec.name, str(spec.version))
+    if spec.runtime not in ("eager", "auto"):
+        raise ArchiveError(f"{weights.name} is a {kind} program: its layers cannot be re-exported to "
+                           f"{spec.runtime}; archive it with RUNTIME=eager, or archive the state_dict and model "
+                           "code for an accelerated runtime")
+    labels = read_label_map(labels_path)
+    build_dir = Path(spec.build_dir).resolve() / spec.name
+    stage, tmp = build_dir / "extra", build_dir / "tmp"
+    shutil.rmtree(build_dir, ignore_errors=True)
+    stage_extra_files(stage, labels_path)
+    tmp.mkdir()
+    config = model_config(spec, None)
+    (build_dir / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    cfg = HandlerConfig.from_yaml(config["handler"])
+    shutil.copy2(weights, stage.parent / weights.name)
+    if not spec.no_check:
+        elapsed = check_model(stage, stage.parent / weights.name, None, cfg, labels)
+        log.info("checked: the %s program %s answers one 320x240 image in %.0f ms", kind, weights.name,
+                 elapsed * 1000)
+        if kind == "exported":
+            program_sizes(stage.parent / weights.name)
+        program_parity(spec, kind, stage, stage.parent / weights.name, cfg, labels)
+    return run_archiver(spec, weights.resolve(), None, stage, build_dir, tmp, filename)
+
+
+def program_sizes(program_file: Path) -> None:
+    """An exported program must take images of any size (clients send any): refuse a static export."""
+    from serve_demo.core.loader import load_program
+
+    program = load_program(program_file, torch.device("cpu"))
+    try:
+        with torch.inference_mode():
+            program([torch.rand(3, 200, 296)])
+    except Exception as exc:  # noqa: BLE001 - a guard on the traced size, or any failure
+        raise ArchiveError(f"{program_file.name} was exported for one input size: it fails on a 296x200 image "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}). Export it with dynamic "
+                           "height and width: torch.export.export(model, ([image],), dynamic_shapes=([{1: "
+                           "Dim('h'), 2: Dim('w')}],))") from None
+
+
+def program_parity(spec: ArchiveSpec, kind: str, stage: Path, program_file: Path, cfg: HandlerConfig,
+                   labels: dict[int, str]) -> None:
+    """Compare the program with its eager twin (``spec.arch`` / ``spec.model_file`` with the program's
+    own weights); refuse the archive when they differ. Skipped, saying why, when no twin fits."""
+    from serve_demo.core.loader import load_program
+
+    from .parity import check_parity, validation_images
+
+    program = load_program(program_file, torch.device("cpu"))
+    state = {k: v for k, v in program.program.state_dict().items()}
+    model_file = Path(spec.model_file).resolve() if spec.model_file else None
+    twin_cfg = HandlerConfig.from_yaml({**config_dict(cfg), "arch": None if model_file else (spec.arch or DEMO_ARCH)})
+    try:
+        with _importable(stage, model_file):
+            eager = load_detector(stage, None, str(model_file) if model_file else None, twin_cfg, len(labels),
+                                  torch.device("cpu"))
+        fitted, _ = fit_state_dict(eager.state_dict().keys(), state, None)
+        eager.load_state_dict(fitted)
+    except (ValueError, RuntimeError, ImportError, TypeError, FileNotFoundError) as exc:
+        log.warning("no parity check: the %s program's weights do not fit %s (%s); name its eager model with "
+                    "--arch or --model-file to check that both answer alike", kind,
+                    spec.model_file or spec.arch or DEMO_ARCH, str(exc)[:200])
+        return
+    eager.eval()
+    images = (validation_images(spec.parity_data, spec.parity_split, spec.parity_images) if spec.parity_data
+              else assorted_images())
+    report = check_parity(eager, program, images)
+    twin = spec.model_file or spec.arch or DEMO_ARCH
+    if not report.passed:
+        hint = (" torchvision's scripted detectors compute the resize scale in float32 (eager: float64), so "
+                "images of some sizes are resized a pixel differently: serve the eager model instead (its "
+                "state_dict with ARCH or MODEL_FILE), or script a model with a fixed input size (SSD)"
+                if kind == "torchscript" else " re-export it from the eval-mode model")
+        raise ArchiveError(f"the {kind} program does not answer like {twin} with its own weights: "
+                           f"{report.summary()}.{hint}")
+    log.info("parity with %s: %s", twin, report.summary())
+
+
+def assorted_images() -> list[torch.Tensor]:
+    """Synthetic scenes at assorted sizes (uint8 CHW), for a parity check without validation data."""
+    import numpy as np
+
+    from serve_demo.data.synth import SynthConfig, render_image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for size in ((320, 240), (368, 373), (500, 333), (640, 480), (301, 457), (999, 601)):
+        img, _ = render_image(rng, SynthConfig())
+        out.append(torch.from_numpy(np.array(img.convert("RGB").resize(size))).permute(2, 0, 1).contiguous())
+    return out
+
+
+
+
+def config_dict(cfg: HandlerConfig) -> dict:
+    """A config's fields as the ``handler:`` section they came from (defaults included)."""
+    from dataclasses import asdict
+
+    return asdict(cfg)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -14,7 +14,10 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import traceback
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ from torch import nn
 
 from .config import LABEL_FILE, HandlerConfig
 from .models import build_model, load_state_dict_file, load_weights, task_of
+from .offline import Downloads, ModelFileError, intercept_downloads
 from .runtime import RUNTIME_DIR, RuntimeConfig, accelerate
 
 log = logging.getLogger(__name__)
@@ -114,10 +118,24 @@ def duplicate_labels(names: dict[int, str]) -> dict[str, list[int]]:
     return {name: found for name, found in ids.items() if len(found) > 1}
 
 
+def user_error(model_file: Path, exc: BaseException, doing: str) -> ModelFileError:
+    """``model.py:12: NameError: ...`` for an exception raised by a user's model file."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).name == model_file.name]
+    if isinstance(exc, SyntaxError) and exc.lineno:
+        where = f"{model_file.name}:{exc.lineno}"
+    else:
+        where = f"{model_file.name}:{frames[-1].lineno}" if frames else model_file.name
+    return ModelFileError(f"{where}: {type(exc).__name__}: {exc} ({doing}); fix the model file")
+
+
 def detector_class_from_file(model_file: str | Path) -> type[nn.Module]:
     """The single ``nn.Module`` class defined in a user's model file."""
     model_file = Path(model_file)
-    module = importlib.import_module(model_file.stem)
+    sys.modules.pop(model_file.stem, None)
+    try:
+        module = importlib.import_module(model_file.stem)
+    except Exception as exc:  # noqa: BLE001 - any error in the user's file: name its line
+        raise user_error(model_file, exc, "while importing it") from None
     classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
                if issubclass(c, nn.Module) and c.__module__ == module.__name__]
     if len(classes) != 1:
@@ -140,6 +158,67 @@ def num_classes_of(model: nn.Module) -> int | None:
     return None
 
 
+PROGRAM_KINDS = ("torchscript", "exported")
+
+
+def program_kind(path: str | Path) -> str | None:
+    """``torchscript`` (``torch.jit.save``), ``exported`` (``torch.export.save``, a ``.pt2``) or None
+    (a state_dict or checkpoint: weights for a model built from code)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            tails = {n.split("/", 1)[-1] for n in z.namelist()}
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if "archive_format" in tails:
+        return "exported"
+    if "constants.pkl" in tails or any(t.startswith("code/") for t in tails):
+        return "torchscript"
+    return None
+
+
+class ProgramDetector(nn.Module):
+    """A TorchScript or exported detector behind the eager contract: a list of images in, one
+    ``{"boxes", "labels", "scores", ...}`` per image out."""
+
+    def __init__(self, program: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.program, self.kind = program, kind
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        if self.kind == "exported":  # exported for a list of one image: one call per image
+            return [self.program([im])[0] for im in images]
+        out = self.program(images)
+        return out[1] if isinstance(out, tuple) else out  # scripted torchvision detectors: (losses, detections)
+
+    def train(self, mode: bool = True) -> ProgramDetector:
+        if self.kind == "exported":  # an exported program is in eval mode for good (and refuses .train())
+            self.training = mode
+            return self
+        return super().train(mode)
+
+
+def load_program(path: str | Path, device: torch.device) -> ProgramDetector:
+    """Load a TorchScript or exported detector.
+
+    Raises:
+        ValueError: the file does not load, naming it and what to do.
+    """
+    kind = program_kind(path)
+    try:
+        if kind == "torchscript":
+            program = torch.jit.load(str(path), map_location=device)
+        elif kind == "exported":
+            program = torch.export.load(str(path)).module()
+        else:
+            raise ValueError("neither TorchScript (torch.jit.save) nor an exported program (torch.export.save)")
+    except Exception as exc:  # noqa: BLE001 - any load failure: name the file
+        raise ValueError(f"{Path(path).name} does not load as {kind or 'a serialized model'} "
+                         f"({type(exc).__name__}: {str(exc)[:300]})") from None
+    # scripted torchvision detectors warn at every call that they return (losses, detections): handled above
+    warnings.filterwarnings("ignore", message=r".*always returns a \(Losses, Detections\) tuple in scripting")
+    return ProgramDetector(program, kind)
+
+
 def load_detector(model_dir: str | Path, weights: str | None, model_file: str | None,
                   cfg: HandlerConfig, num_labels: int, device: torch.device,
                   wide_threads: int | None = None) -> nn.Module:
@@ -151,6 +230,7 @@ def load_detector(model_dir: str | Path, weights: str | None, model_file: str | 
         ValueError / FileNotFoundError: with the path and the mismatch named.
     """
     model_dir = Path(model_dir)
+    downloads = Downloads()
     if cfg.arch:
         kwargs = dict(cfg.model_kwargs)
         if task_of(cfg.arch) == "keypoints" and cfg.keypoint_names:
@@ -159,19 +239,31 @@ def load_detector(model_dir: str | Path, weights: str | None, model_file: str | 
         source = f"architecture {cfg.arch}"
     elif model_file:
         cls = detector_class_from_file(model_dir / model_file)
-        model = cls()
+        with intercept_downloads(model_dir / model_file) as downloads:
+            try:
+                model = cls()
+            except Exception as exc:  # noqa: BLE001 - any error in the user's constructor: name its line
+                raise user_error(Path(model_file), exc, f"while building {cls.__name__}()") from None
         source = f"{model_file}:{cls.__name__}"
         n = num_classes_of(model)
         if n is not None and n != num_labels:
             raise ValueError(f"{source} predicts {n} classes (background included) but the label "
                              f"map names {num_labels}: fix {LABEL_FILE} or the model")
+    elif weights and program_kind(model_dir / weights):
+        model = load_program(model_dir / weights, device).eval()
+        log.info("%s: a %s detector (no model code; the runtime stays eager)", Path(weights).name,
+                 "TorchScript" if model.kind == "torchscript" else "torch.export")
+        return model
     else:
-        raise ValueError("no detector: set handler.arch in model-config.yaml or archive a model file")
+        raise ValueError("no detector: set handler.arch in model-config.yaml, archive a model file, or "
+                         "archive a TorchScript / exported program as the serialized file")
     if weights:
         path = model_dir / weights
         if not path.is_file():
             raise FileNotFoundError(f"weights file {path} is missing from the archive")
-        load_weights(model, load_state_dict_file(str(path)), source=f"{weights} for {source}")
+        state = load_state_dict_file(str(path))
+        downloads.check_covered(model, state, Path(weights).name)
+        load_weights(model, state, source=f"{weights} for {source}")
     model = model.to(device).eval()
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

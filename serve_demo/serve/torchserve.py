@@ -118,7 +118,8 @@ class TorchServe:
         if it sets one, else one per GPU, else the CPU layout's (:func:`serve_demo.core.layout.cpu_layout`).
         Workers read it from ``SERVE_DEMO_WORKERS`` to take their share of the CPUs (computed once:
         it may run ``nvidia-smi``)."""
-        fixed = read_properties(self.base_config).get("default_workers_per_model", "").strip()
+        props = read_properties(self.base_config) if self.base_config.is_file() else {}
+        fixed = props.get("default_workers_per_model", "").strip()
         if fixed.isdigit() and int(fixed) > 0:
             return int(fixed)
         gpus = count_gpus()
@@ -136,14 +137,16 @@ class TorchServe:
             "model_store": str(self.model_store),
             "allowed_urls": f"file://{self.model_store}/.*",
             "load_models": self.models,
-            "vmargs": f"-Xmx1g -XX:+UseContainerSupport -Djava.io.tmpdir={self.tmp}",
+            # a user's own JVM options are kept; the temp folder is this instance's
+            "vmargs": " ".join([*(w for w in props.get("vmargs", "-Xmx1g -XX:+UseContainerSupport").split()
+                                  if not w.startswith("-Djava.io.tmpdir=")), f"-Djava.io.tmpdir={self.tmp}"]),
             "default_workers_per_model": str(self.default_workers),
         })
         metrics = self.base_config.parent / "metrics.yaml"  # beside the config, here and in the image
-        if metrics.is_file():
+        if metrics.is_file() and not Path(props.get("metrics_config", "/nonexistent")).is_file():
             props["metrics_config"] = str(metrics)
         logging_config = self.base_config.parent / "log4j2.xml"  # without the per-request lines
-        if logging_config.is_file():
+        if logging_config.is_file() and "-Dlog4j.configurationFile=" not in props["vmargs"]:
             props["vmargs"] += f" -Dlog4j.configurationFile={logging_config}"
         props.update(self.overrides)
         self.home.mkdir(parents=True, exist_ok=True)

@@ -222,8 +222,9 @@ def register_new_models(ts, served: dict) -> list[str]:
     first, later = registry.load_plan()
     mgmt = Management(ts.management_url, home=ts.home)
     added = []
+    name_of = {archive: name for name, e in registry.models.items() for archive in e["versions"].values()}
     for archive in first + later:
-        if archive.split("-", 1)[0] not in served:
+        if name_of.get(archive) not in served:
             log.info("registering %s (new in %s)", archive, ts.model_store)
             mgmt.register(archive)
             added.append(archive)
@@ -254,7 +255,7 @@ def describe_versions(name: str, store: Path, mgmt: Management) -> str:
         served, default = {}, e["default"]
         server_note = "" if exc.status == 404 else f"  (server: {exc})"
     archived = {}
-    for mar in sorted(store.glob(f"{name}-*.mar")):
+    for mar in sorted(store.glob("*.mar")):  # archives built elsewhere have any file name
         try:
             n, v = archive_identity(mar)
         except VersionError:
@@ -293,12 +294,29 @@ def main_versions(args: argparse.Namespace) -> int:
     return 0
 
 
+def find_archive(store: Path, name: str, version: str) -> Path | None:
+    """``NAME-VERSION.mar`` (what ``make archive`` writes), else any archive in the store whose manifest
+    says ``name`` ``version`` (one built elsewhere: ``torch-model-archiver --model-name NAME`` writes
+    ``NAME.mar``)."""
+    archive = store / f"{name}-{version}.mar"
+    if archive.is_file():
+        return archive
+    for mar in sorted(store.glob("*.mar")):
+        try:
+            if archive_identity(mar) == (name, version):
+                return mar
+        except VersionError:
+            continue
+    return None
+
+
 def main_register(args: argparse.Namespace) -> int:
     store = Path(args.model_store)
-    archive = store / f"{args.model}-{args.version}.mar"
-    if not archive.is_file():
-        print(f"register: {archive} not found; build it with `make archive NAME={args.model} "
-              f"VERSION={args.version} WEIGHTS=...`", file=sys.stderr)
+    archive = find_archive(store, args.model, args.version)
+    if archive is None:
+        print(f"register: no archive of {args.model} {args.version} in {store} (looked for "
+              f"{args.model}-{args.version}.mar and at every archive's manifest); build it with `make archive "
+              f"NAME={args.model} VERSION={args.version} WEIGHTS=...` or copy your .mar there", file=sys.stderr)
         return 2
     name, version = archive_identity(archive)
     if (name, version) != (args.model, args.version):
@@ -327,8 +345,10 @@ def main_register(args: argparse.Namespace) -> int:
     if served and name not in registry.models:
         # no record yet (a server started on a store it could not write): record what it serves first
         default = mgmt.default_version(name)
+        urls = {str(v["modelVersion"]): v.get("modelUrl") for v in mgmt.versions(name)}
         for v in sorted(served, key=lambda v: (v != default, version_key(v))):
-            registry.add(name, v, f"{name}-{v}.mar")
+            known = find_archive(store, name, v)
+            registry.add(name, v, known.name if known else (urls.get(v) or f"{name}-{v}.mar"))
     registry.add(name, version, archive.name)
     if not served:
         registry.entry(name)["default"] = version
