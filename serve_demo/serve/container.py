@@ -379,11 +379,13 @@ def stop(engine: Engine, name: str, timeout: int = 15) -> bool:
 
 
 def container_key(engine: Engine, name: str, kind: str = "inference") -> str:
-    """The ``kind`` key of a running container (``docker exec``: for a container run by hand)."""
-    proc = engine("exec", name, "cat", f"{IMAGE_RUN}/key_file.json", check=False)
-    if proc.returncode != 0:
-        raise ContainerError(f"no key file in container {name} (is it running, with token authorization on?)")
-    return json.loads(proc.stdout)[kind]["key"]
+    """The ``kind`` key of a running container (``docker exec``: for a container run by hand). ``serve``
+    writes keys to the run folder; a user's own ``torchserve --start`` to ``/home/model-server``."""
+    for path in (f"{IMAGE_RUN}/key_file.json", f"{IMAGE_HOME}/key_file.json"):
+        proc = engine("exec", name, "cat", path, check=False)
+        if proc.returncode == 0:
+            return json.loads(proc.stdout)[kind]["key"]
+    raise ContainerError(f"no key file in container {name} (is it running, with token authorization on?)")
 
 
 def sbom(engine: Engine, image: str, out: Path) -> int:
