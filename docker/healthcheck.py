@@ -50,6 +50,7 @@ def loopback(url: str) -> str:
 class Api:
     def __init__(self, url: str, key: str | None) -> None:
         self.url, self.key = url, key
+        self.models: list[str] = []
 
     def get(self, path: str):
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
@@ -76,11 +77,12 @@ def expected_versions(plan: dict) -> dict[str, dict]:
 
 
 def check(api: Api, expect: dict[str, dict]) -> str | None:
-    """None when healthy, else the reason."""
+    """None when healthy, else the reason (``api.models`` lists what was found)."""
     try:
         models = [m["modelName"] for m in api.get("/models").get("models", [])]
     except (OSError, ValueError, urllib.error.URLError) as exc:
         return f"management API not answering at {api.url}: {exc}"
+    api.models = models
     if not models:
         return "no models registered"
     for name in expect:
@@ -120,11 +122,12 @@ def main() -> int:
         if keys and isinstance(keys.get("management"), dict):
             key = keys["management"].get("key")
             break
-    reason = check(Api(url, key), expected_versions(plan))
+    api = Api(url, key)
+    reason = check(api, expected_versions(plan))
     if reason:
         print(reason)
         return 1
-    print("healthy")
+    print(f"healthy: {', '.join(api.models)}")
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import json
 import re
 import shutil
 import subprocess
@@ -131,6 +132,41 @@ def test_environment_overrides_and_healthcheck(tmp_path, small_store):
     finally:
         ts.stop()
     assert subprocess.run(health, env=henv, capture_output=True).returncode == 1
+
+
+def test_healthy_means_every_recorded_version_registered_with_its_default(tmp_path, model_store, fixed_weights):
+    """The restart race: a server still registering the recorded 2.0 (or not yet making it the
+    default) is not healthy, whatever its READY workers say."""
+    from serve_demo.archive.builder import build
+    from serve_demo.serve.management import Management
+    from tests.conftest import ASSETS, archive_args
+
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(model_store / "fixed-1.0.mar", store)
+    build(archive_args(name="fixed", version="2.0", weights=str(fixed_weights),
+                       labels=str(ASSETS / "fixed_labels.json"), model_file=str(ASSETS / "fixed_detector.py"),
+                       export_path=str(store), build_dir=str(tmp_path / "build")))
+    ts = make_server(tmp_path / "home", store)
+    ts.models = "fixed-1.0.mar"
+    ts.home.mkdir(parents=True)
+    (ts.home / "health.json").write_text(json.dumps({
+        "management": ts.management_url, "keys": [str(ts.home / "key_file.json")],
+        "expect": {"fixed": {"versions": ["1.0", "2.0"], "default": "2.0"}}}))
+    health = [sys.executable, str(DOCKER / "healthcheck.py")]
+    henv = {"HEALTHCHECK_HOME": str(ts.home), "PATH": "/usr/bin:/bin"}
+
+    def probe() -> tuple[int, str]:
+        proc = subprocess.run(health, env=henv, capture_output=True, text=True, timeout=30)
+        return proc.returncode, proc.stdout.strip()
+
+    with ts.running(120):
+        assert probe() == (1, "fixed: recorded versions 2.0 not registered yet")
+        mgmt = Management(ts.management_url, home=ts.home)
+        mgmt.register("fixed-2.0.mar")
+        assert probe() == (1, "fixed: default is 1.0, recorded 2.0 (not set yet)")
+        mgmt.set_default("fixed", "2.0")
+        assert probe() == (0, "healthy: fixed")
 
 
 def load_manifests(name: str) -> list[dict]:

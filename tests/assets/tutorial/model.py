@@ -7,4 +7,4 @@ from torchvision.models.detection.faster_rcnn import FasterRCNN
 class FRCNNObjectDetector(FasterRCNN):
     def __init__(self, num_classes=91, **kwargs):
         backbone = resnet_fpn_backbone('resnet50', True)
-        super(FRCNNObjectDetector, self).__init__(backbone, num_classes, **kwargs)
+        super(FRCNNObjectDetector, self).__init__(backbone, num_classes, **kwargs)  # noqa: UP008 (the tutorial's line)
