@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -333,3 +334,50 @@ def test_a_stock_handler_archive_is_served_and_taken_into_the_version_life_cycle
         assert {str(v["modelVersion"]) for v in mgmt.versions("pets")} == {"1.0", "2.0"}
     finally:
         ts.stop()
+
+
+# ------------------------------------------------------------------ the entry point, on the host
+
+
+@pytest.mark.parametrize("mode", ["--start", "--foreground"])
+def test_the_entry_point_runs_a_users_torchserve_and_stops_it_on_sigterm(tmp_path, model_store, mode):
+    """`IMAGE torchserve --start|--foreground ...` as the entry point runs it (here with a temporary home
+    instead of /home/model-server): up while TorchServe runs, healthy by the named models, and SIGTERM
+    stops that TorchServe (only that one) and exits 0."""
+    import signal
+
+    from serve_demo.serve.torchserve import free_ports
+
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    p = free_ports(5)
+    (home / "config.properties").write_text(
+        f"inference_address=http://127.0.0.1:{p[0]}\nmanagement_address=http://127.0.0.1:{p[1]}\n"
+        f"metrics_address=http://127.0.0.1:{p[2]}\ngrpc_inference_port={p[3]}\ngrpc_management_port={p[4]}\n"
+        f"disable_token_authorization=true\nvmargs=-Djava.io.tmpdir={tmp}\n")
+    env = {**os.environ, "SERVE_DEMO_IMAGE_HOME": str(home), "TMPDIR": str(tmp),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}  # as in the image
+    proc = subprocess.Popen([sys.executable, "-m", "serve_demo.serve.entrypoint", "torchserve", mode, "--ncs",
+                             "--model-store", str(model_store), "--models", "fixed=fixed-1.0.mar"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    health = [sys.executable, str(ROOT / "docker" / "healthcheck.py")]
+    henv = {"HEALTHCHECK_HOME": str(home / "run"), "PATH": "/usr/bin:/bin"}
+    try:
+        deadline = time.monotonic() + 150
+        while subprocess.run(health, env=henv, capture_output=True).returncode != 0:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "not healthy in 150 s"
+            time.sleep(1)
+        r = requests.post(f"http://127.0.0.1:{p[0]}/predictions/fixed", data=encode(synth_image(1)), timeout=60)
+        assert r.status_code == 200, r.text
+        time.sleep(1)
+        assert proc.poll() is None  # `--start` returned long ago: the entry point stays up
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(40) == 0
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{p[0]}/ping", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--stop"], env=env, capture_output=True)

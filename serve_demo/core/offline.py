@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -103,10 +104,22 @@ def _caller(source: Path | None) -> str:
     return "the model's constructor"
 
 
+_LOCK = threading.RLock()  # the patches are process-wide: one model is built at a time under them
+
+
 @contextlib.contextmanager
 def intercept_downloads(source: str | Path | None = None) -> Iterator[Downloads]:
-    """Within the block no weight download happens; what was asked for is in the yielded record."""
-    record = Downloads(Path(source).resolve() if source else None)
+    """Within the block no weight download happens; what was asked for is in the yielded record.
+
+    The patches are process-wide, so blocks are serialised (the KServe server builds models in
+    several threads)."""
+    with _LOCK, _intercepting(Path(source).resolve() if source else None) as record:
+        yield record
+
+
+@contextlib.contextmanager
+def _intercepting(source: Path | None) -> Iterator[Downloads]:
+    record = Downloads(source)
 
     def fetch_state(url, *args, **kwargs):
         record.seen.append(Download(str(url), _caller(record.source)))

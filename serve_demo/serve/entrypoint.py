@@ -116,14 +116,16 @@ def registry_plan(ts: TorchServe, registry: Registry) -> dict:
 # ---------------------------------------------------------------------------------- process control
 
 
-def jvm_pids() -> list[int]:
-    """TorchServe frontends running in this container (by the JVM's main class)."""
+def jvm_pids(cwd: Path) -> list[int]:
+    """TorchServe frontends started from ``cwd`` (by the JVM's main class and working folder: a
+    ``torchserve --start`` JVM is not our child once its launcher returns)."""
     import psutil
 
     pids = []
-    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+    for proc in psutil.process_iter(["pid", "cmdline", "status", "cwd"]):
         cmd = proc.info.get("cmdline") or []
-        if JVM_MARKER in cmd and proc.info.get("status") != psutil.STATUS_ZOMBIE:
+        if (JVM_MARKER in cmd and proc.info.get("status") != psutil.STATUS_ZOMBIE
+                and proc.info.get("cwd") == str(cwd)):
             pids.append(proc.info["pid"])
     return pids
 
@@ -305,7 +307,7 @@ def run_as_given(argv: list[str], home: Path = IMAGE_HOME, run: Path | None = No
     stopping = threading.Event()
 
     def stop_torchserve() -> None:
-        for pid in jvm_pids():
+        for pid in jvm_pids(home):
             drain_and_stop(pid, inference_port, drain_seconds())
         if proc.poll() is None:  # `torchserve --foreground`: its launcher
             proc.send_signal(signal.SIGTERM)
@@ -323,13 +325,17 @@ def run_as_given(argv: list[str], home: Path = IMAGE_HOME, run: Path | None = No
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     code = proc.wait()
-    if ts_cmd is None or not ts_cmd.serves or code != 0:
-        return 0 if stopping.is_set() and ts_cmd is not None else code
+    if ts_cmd is None or not ts_cmd.serves:
+        return code
+    if stopping.is_set():
+        return 0
+    if ts_cmd.foreground or code != 0:  # --foreground: TorchServe has ended; --start: it did not start
+        return code
     # `torchserve --start` returned once the JVM was launched: stay up while it runs
     deadline = time.monotonic() + 20
-    while not jvm_pids() and time.monotonic() < deadline and not stopping.is_set():
+    while not jvm_pids(home) and time.monotonic() < deadline and not stopping.is_set():
         time.sleep(0.2)
-    while jvm_pids():
+    while jvm_pids(home):
         time.sleep(0.5)
     if stopping.is_set():
         return 0
