@@ -325,7 +325,7 @@ def test_a_stock_handler_archive_is_served_and_taken_into_the_version_life_cycle
         mgmt = Management(ts.management_url, home=ts.home)
         assert mgmt.default_version("pets") == "2.0"
         rc, out = run("versions", "--model", "pets", *conn)
-        assert rc == 0 and "pets.mar" in out and "pets-v2-stock.mar" in out, out
+        assert rc == 0 and "pets.mar" in out and "pets-v2-stock.mar" in out and "object_detector handler" in out, out
         assert run("rollback", "--model", "pets", *conn)[0] == 0
         assert mgmt.default_version("pets") == "1.0"
         ts.stop()

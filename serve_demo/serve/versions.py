@@ -57,6 +57,10 @@ def archive_runtime(path: Path) -> str:
 
     try:
         with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+            if "model-config.yaml" not in names:  # built elsewhere: say whose handler serves it
+                manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
+                return f"{Path(str(manifest.get('handler', '?'))).stem} handler"
             handler = (yaml.safe_load(z.read("model-config.yaml")) or {}).get("handler") or {}
     except (zipfile.BadZipFile, KeyError, ValueError, OSError, yaml.YAMLError):
         return "?"
