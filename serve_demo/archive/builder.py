@@ -344,11 +344,7 @@ def build(spec: ArchiveSpec) -> Path:
                            "classes apart and evaluation would merge them. Rename them, or archive as is "
                            "with --keep-duplicate-labels (make archive KEEP_DUPLICATE_LABELS=1)")
 
-    build_dir = Path(spec.build_dir).resolve() / spec.name
-    stage, tmp = build_dir / "extra", build_dir / "tmp"
-    shutil.rmtree(build_dir, ignore_errors=True)
-    stage_extra_files(stage, labels_path)
-    tmp.mkdir()
+    build_dir, stage, tmp = staging(spec, labels_path)
     model_file = Path(spec.model_file).resolve() if spec.model_file else PACKAGE / CORE / "models.py"
     if spec.runtime not in (*RUNTIMES, "auto"):
         raise ArchiveError(f"runtime {spec.runtime!r} is not one of {', '.join((*RUNTIMES, 'auto'))}")
@@ -405,53 +401,58 @@ def build_program(spec: ArchiveSpec, kind: str, weights: Path, labels_path: Path
         raise ArchiveError(f"{weights.name} is a {kind} program: its layers cannot be re-exported to "
                            f"{spec.runtime}; archive it with RUNTIME=eager, or archive the state_dict and model "
                            "code for an accelerated runtime")
+    from serve_demo.core.loader import load_program
+
     labels = read_label_map(labels_path)
+    build_dir, stage, tmp = staging(spec, labels_path)
+    config = model_config(spec, None)
+    (build_dir / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    cfg = HandlerConfig.from_yaml(config["handler"])
+    weights = weights.resolve()
+    if not spec.no_check:
+        elapsed = check_model(stage, weights, None, cfg, labels)  # as a worker loads it
+        log.info("checked: the %s program %s answers one 320x240 image in %.0f ms", kind, weights.name,
+                 elapsed * 1000)
+        program = load_program(weights, torch.device("cpu"))
+        if kind == "exported":
+            program_sizes(program, weights.name)
+        program_parity(spec, kind, stage, program, cfg, labels)
+    return run_archiver(spec, weights, None, stage, build_dir, tmp, filename)
+
+
+def staging(spec: ArchiveSpec, labels_path: Path) -> tuple[Path, Path, Path]:
+    """A clean ``build_dir/NAME`` with the extra files staged: ``(build_dir, stage, tmp)``."""
     build_dir = Path(spec.build_dir).resolve() / spec.name
     stage, tmp = build_dir / "extra", build_dir / "tmp"
     shutil.rmtree(build_dir, ignore_errors=True)
     stage_extra_files(stage, labels_path)
     tmp.mkdir()
-    config = model_config(spec, None)
-    (build_dir / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    cfg = HandlerConfig.from_yaml(config["handler"])
-    shutil.copy2(weights, stage.parent / weights.name)
-    if not spec.no_check:
-        elapsed = check_model(stage, stage.parent / weights.name, None, cfg, labels)
-        log.info("checked: the %s program %s answers one 320x240 image in %.0f ms", kind, weights.name,
-                 elapsed * 1000)
-        if kind == "exported":
-            program_sizes(stage.parent / weights.name)
-        program_parity(spec, kind, stage, stage.parent / weights.name, cfg, labels)
-    return run_archiver(spec, weights.resolve(), None, stage, build_dir, tmp, filename)
+    return build_dir, stage, tmp
 
 
-def program_sizes(program_file: Path) -> None:
+def program_sizes(program: torch.nn.Module, name: str) -> None:
     """An exported program must take images of any size (clients send any): refuse a static export."""
-    from serve_demo.core.loader import load_program
-
-    program = load_program(program_file, torch.device("cpu"))
     try:
         with torch.inference_mode():
             program([torch.rand(3, 200, 296)])
     except Exception as exc:  # noqa: BLE001 - a guard on the traced size, or any failure
-        raise ArchiveError(f"{program_file.name} was exported for one input size: it fails on a 296x200 image "
+        raise ArchiveError(f"{name} was exported for one input size: it fails on a 296x200 image "
                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}). Export it with dynamic "
                            "height and width: torch.export.export(model, ([image],), dynamic_shapes=([{1: "
                            "Dim('h'), 2: Dim('w')}],))") from None
 
 
-def program_parity(spec: ArchiveSpec, kind: str, stage: Path, program_file: Path, cfg: HandlerConfig,
+def program_parity(spec: ArchiveSpec, kind: str, stage: Path, program: torch.nn.Module, cfg: HandlerConfig,
                    labels: dict[int, str]) -> None:
     """Compare the program with its eager twin (``spec.arch`` / ``spec.model_file`` with the program's
     own weights); refuse the archive when they differ. Skipped, saying why, when no twin fits."""
-    from serve_demo.core.loader import load_program
+    from dataclasses import replace
 
     from .parity import check_parity, validation_images
 
-    program = load_program(program_file, torch.device("cpu"))
-    state = {k: v for k, v in program.program.state_dict().items()}
+    state = program.program.state_dict()
     model_file = Path(spec.model_file).resolve() if spec.model_file else None
-    twin_cfg = HandlerConfig.from_yaml({**config_dict(cfg), "arch": None if model_file else (spec.arch or DEMO_ARCH)})
+    twin_cfg = replace(cfg, arch=None if model_file else (spec.arch or DEMO_ARCH))
     try:
         with _importable(stage, model_file):
             eager = load_detector(stage, None, str(model_file) if model_file else None, twin_cfg, len(labels),
@@ -492,13 +493,6 @@ def assorted_images() -> list[torch.Tensor]:
     return out
 
 
-
-
-def config_dict(cfg: HandlerConfig) -> dict:
-    """A config's fields as the ``handler:`` section they came from (defaults included)."""
-    from dataclasses import asdict
-
-    return asdict(cfg)
 
 
 def main(args: argparse.Namespace) -> int:

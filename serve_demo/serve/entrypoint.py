@@ -249,9 +249,11 @@ class TorchServeCommand:
             names.append(name)
         return names
 
-    def properties(self, cwd: Path) -> dict[str, str]:
-        """The config file TorchServe will read: ``--ts-config``, ``TS_CONFIG_FILE`` or ``./config.properties``."""
-        path = self.config or os.environ.get("TS_CONFIG_FILE") or "config.properties"
+    def properties(self, cwd: Path, env: dict[str, str]) -> dict[str, str]:
+        """The config TorchServe will read (its launcher's order): ``TS_CONFIG_FILE``, then ``--ts-config``."""
+        path = env.get("TS_CONFIG_FILE") or self.config
+        if not path:
+            return {}
         full = cwd / path
         return read_properties(full) if full.is_file() else {}
 
@@ -289,9 +291,7 @@ def run_as_given(argv: list[str], home: Path = IMAGE_HOME, run: Path | None = No
     if ts_cmd is not None and ts_cmd.serves:
         if ts_cmd.config is None and "TS_CONFIG_FILE" not in env and (home / "config.properties").is_file():
             env["TS_CONFIG_FILE"] = str(home / "config.properties")  # the image's (or the user's mounted) file
-        props = ts_cmd.properties(home) if ts_cmd.config else (
-            read_properties(Path(env["TS_CONFIG_FILE"])) if Path(env.get("TS_CONFIG_FILE", "/nonexistent")).is_file()
-            else {})
+        props = ts_cmd.properties(home, env)
         env.update(worker_share(props))
         urls = addresses(props)
         expect = {name: {"versions": None, "default": None} for name in ts_cmd.model_names()}
