@@ -18,7 +18,8 @@ from serve_demo.data.synth import SynthConfig, render_image
 from serve_demo.serve import container
 from serve_demo.serve.container import Engine, RunSpec
 from serve_demo.serve.kserve_local import KServeServer
-from serve_demo.serve.torchserve import TorchServe, free_ports, read_properties
+from serve_demo.serve.process import free_ports
+from serve_demo.serve.torchserve import TorchServe, read_properties
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"

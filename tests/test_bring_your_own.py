@@ -346,7 +346,7 @@ def test_the_entry_point_runs_a_users_torchserve_and_stops_it_on_sigterm(tmp_pat
     stops that TorchServe (only that one) and exits 0."""
     import signal
 
-    from serve_demo.serve.torchserve import free_ports
+    from serve_demo.serve.process import free_ports
 
     home, tmp = tmp_path / "home", tmp_path / "tmp"
     home.mkdir()

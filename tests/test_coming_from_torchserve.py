@@ -23,7 +23,7 @@ import yaml
 
 from serve_demo.archive.builder import build
 from serve_demo.serve import container
-from serve_demo.serve.torchserve import free_ports
+from serve_demo.serve.process import free_ports
 from tests.conftest import DEMO_LABELS, DEMO_WEIGHTS, ROOT, archive_args, container_dir, encode, synth_image
 from tests.test_bring_your_own import TUTORIAL, stock_archive
 

@@ -24,7 +24,7 @@ from serve_demo.archive.builder import build
 from serve_demo.evaluate.evaluator import evaluate
 from serve_demo.serve import container
 from serve_demo.serve.management import Management
-from serve_demo.serve.torchserve import free_ports
+from serve_demo.serve.process import free_ports
 from tests.conftest import (
     DEMO_LABELS,
     DEMO_WEIGHTS,

@@ -111,7 +111,7 @@ def test_environment_overrides_and_healthcheck(tmp_path, small_store):
     """The container's mechanism on a real TorchServe: TS_* variables override the shipped config
     (a different inference address; tokens off, as the Kubernetes manifests set), and
     healthcheck.py reports healthy only once workers are READY."""
-    from serve_demo.serve.torchserve import free_ports
+    from serve_demo.serve.process import free_ports
 
     ts = make_server(tmp_path / "home", small_store)
     moved = free_ports(1)[0]

@@ -26,7 +26,7 @@ from serve_demo.data.synth import SynthConfig, generate_split
 from serve_demo.evaluate.evaluator import evaluate
 from serve_demo.monitor import dashboard, drift
 from serve_demo.monitor.prometheus import LocalPrometheus
-from serve_demo.serve.torchserve import free_ports
+from serve_demo.serve.process import free_ports
 from tests.conftest import ASSETS, DEMO_LABELS, DEMO_WEIGHTS, ROOT, archive_args, encode, make_server, synth_image
 
 PROM_DIR = ROOT / "docker" / "prometheus"

@@ -191,7 +191,8 @@ def test_demo_model_evaluated_served_and_offline(server, model_store, test_split
 def test_oxford_pets_resnet50_model_file_answers_curl(server, pets_mar, tmp_path):
     """The seed's way: model.py + a 3-class fasterrcnn_resnet50_fpn state_dict, served by a second
     instance from its own store, loaded at start-up."""
-    from serve_demo.serve.torchserve import TorchServe, free_ports
+    from serve_demo.serve.process import free_ports
+    from serve_demo.serve.torchserve import TorchServe
 
     store = Path(pets_mar).parent
     p = free_ports(5)

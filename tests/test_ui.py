@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from serve_demo.serve.torchserve import free_ports
+from serve_demo.serve.process import free_ports
 from tests.conftest import post, synth_image
 
 

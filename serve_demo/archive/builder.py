@@ -368,28 +368,37 @@ def build(spec: ArchiveSpec) -> Path:
             config = model_config(spec, arch, chosen)
             (build_dir / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
-    return run_archiver(spec, weights, model_file, stage, build_dir, tmp, filename)
+    return archive_spec(spec, weights, model_file, stage, build_dir, tmp, filename)
 
 
-def run_archiver(spec: ArchiveSpec, weights: Path, model_file: Path | None, stage: Path, build_dir: Path,
-                 tmp: Path, filename: str) -> Path:
-    """``torch-model-archiver`` with a private ``TMPDIR``; the archive moved to ``EXPORT/filename``."""
-    export = Path(spec.export_path).resolve()
-    export.mkdir(parents=True, exist_ok=True)
+def run_archiver(name: str, version: str, weights: Path, handler: str, stage: Path, config_file: Path,
+                 tmp: Path, mar: Path, model_file: Path | None = None) -> Path:
+    """``torch-model-archiver`` with a private ``TMPDIR`` (it deletes ``$TMPDIR/NAME``); the archive moved to
+    ``mar``. The one call of the archiver: our archives and the benchmark's stock-handler ones.
+
+    Raises:
+        ArchiveError: the archiver failed (its stderr's tail).
+    """
+    mar.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(parents=True, exist_ok=True)
     cmd = [shutil.which("torch-model-archiver") or str(Path(sys.executable).parent / "torch-model-archiver"),
-           "--model-name", spec.name, "--version", str(spec.version), "--serialized-file", str(weights),
+           "--model-name", name, "--version", str(version), "--serialized-file", str(weights),
            *(["--model-file", str(model_file.resolve())] if model_file else []),
-           "--handler", str(Path(spec.handler).resolve()),
-           "--extra-files", str(stage), "--config-file", str(build_dir / "model-config.yaml"),
+           "--handler", handler, "--extra-files", str(stage), "--config-file", str(config_file),
            "--export-path", str(tmp), "--force"]
-    env = {**os.environ, "TMPDIR": str(tmp)}
     log.debug("running %s", " ".join(cmd))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env={**os.environ, "TMPDIR": str(tmp)}, capture_output=True, text=True)
     if proc.returncode != 0:
         raise ArchiveError(f"torch-model-archiver failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    mar = export / filename
-    shutil.move(str(tmp / f"{spec.name}.mar"), str(mar))
+    shutil.move(str(tmp / f"{name}.mar"), str(mar))
     return mar
+
+
+def archive_spec(spec: ArchiveSpec, weights: Path, model_file: Path | None, stage: Path, build_dir: Path,
+                 tmp: Path, filename: str) -> Path:
+    """:func:`run_archiver` for ``spec``: its handler, the staged config, ``EXPORT/filename``."""
+    return run_archiver(spec.name, spec.version, weights, str(Path(spec.handler).resolve()), stage,
+                        build_dir / "model-config.yaml", tmp, Path(spec.export_path).resolve() / filename, model_file)
 
 
 def build_program(spec: ArchiveSpec, kind: str, weights: Path, labels_path: Path) -> Path:
@@ -417,7 +426,7 @@ def build_program(spec: ArchiveSpec, kind: str, weights: Path, labels_path: Path
         if kind == "exported":
             program_sizes(program, weights.name)
         program_parity(spec, kind, stage, program, cfg, labels)
-    return run_archiver(spec, weights, None, stage, build_dir, tmp, filename)
+    return archive_spec(spec, weights, None, stage, build_dir, tmp, filename)
 
 
 def staging(spec: ArchiveSpec, labels_path: Path) -> tuple[Path, Path, Path]:

@@ -32,8 +32,6 @@ import multiprocessing
 import os
 import queue
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -215,7 +213,7 @@ def random_weights(model: BenchModel, labels: Path, out: Path) -> Path:
 
 def stock_archive(weights: Path, labels: Path, arch: str, store: Path, build: Path, workers: int) -> Path:
     """An archive of the same weights for TorchServe's built-in ``object_detector`` handler."""
-    from serve_demo.archive.builder import stage_extra_files
+    from serve_demo.archive.builder import run_archiver, stage_extra_files
     from serve_demo.core.loader import read_label_map
 
     name = f"stock_w{workers}"
@@ -232,14 +230,8 @@ def stock_archive(weights: Path, labels: Path, arch: str, store: Path, build: Pa
         f"        return build_model({arch!r}, {n})\n")
     config = build / f"{name}-config.yaml"
     config.write_text(f"minWorkers: {workers}\nmaxWorkers: {workers}\nbatchSize: 1\nresponseTimeout: 120\n")
-    tmp = build / "stock-tmp"
-    tmp.mkdir(exist_ok=True)
-    cmd = [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", name,
-           "--version", "1.0", "--serialized-file", str(weights.resolve()), "--model-file", str(model_file),
-           "--handler", "object_detector", "--extra-files", str(stage), "--config-file", str(config),
-           "--export-path", str(store), "--force"]
-    subprocess.run(cmd, check=True, env={**os.environ, "TMPDIR": str(tmp)}, capture_output=True)
-    return store / f"{name}.mar"
+    return run_archiver(name, "1.0", weights.resolve(), "object_detector", stage, config, build / "stock-tmp",
+                        store / f"{name}.mar", model_file)
 
 
 def ours_archive(weights: Path, labels: Path, arch: str, store: Path, build: Path, name: str, runtime: str,
@@ -291,28 +283,17 @@ def server_row(label: str, kind: str, measured: dict[str, Any], **extra) -> dict
 @contextlib.contextmanager
 def litserve_server(mar: Path, workers: int, threads: int, port: int):
     """``serve_demo.serve.litserve_app`` running on ``port`` until the block ends (its whole process group)."""
-    proc = subprocess.Popen([sys.executable, "-m", "serve_demo.serve.litserve_app", "--mar", str(mar),
-                             "--port", str(port), "--threads", str(threads), "--workers", str(workers)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"LitServe exited ({proc.returncode}): run python -m serve_demo.serve.litserve_app "
-                                   f"--mar {mar} to see why")
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        yield proc
-    finally:  # LitServe's API server and workers are child processes: end the whole group
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
+    from serve_demo.serve.process import Background
+
+    server = Background("LitServe", mar.parent / f"litserve-{port}.pid", mar.parent / f"litserve-{port}.log")
+    server.start([sys.executable, "-m", "serve_demo.serve.litserve_app", "--mar", str(mar), "--port", str(port),
+                  "--threads", str(threads), "--workers", str(workers)])
+    try:  # LitServe's API server and workers are child processes: stop() ends the whole group
+        server.wait_ready(lambda: requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200,
+                          120, interval=0.5)
+        yield server
+    finally:
+        server.stop()
 
 
 def bench_litserve(mar: Path, workers: int, threads: int, port: int, images: list[bytes], n_lat: int,
@@ -540,7 +521,9 @@ def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) 
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from serve_demo.core.layout import available_cpus
+
+    cores = available_cpus()
     is_busy, loads = busy(cores)
     deadline = time.monotonic() + 120  # the load average of a job that just ended takes a minute to decay
     while is_busy and time.monotonic() < deadline and not args.allow_busy:

@@ -9,18 +9,15 @@ file's path changed; data, log and pid file in ``HOME`` (default ``build/prometh
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import requests
 import yaml
 
 from serve_demo.core import defaults
+from serve_demo.serve.process import Background
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "docker" / "prometheus"
 
@@ -33,7 +30,7 @@ class LocalPrometheus:
         self.home, self.target, self.port, self.interval = Path(home), target, port, interval
         self.config_dir = config_dir
         self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
+        self.process = Background("Prometheus", self.pid_file, self.home / "prometheus.log")
 
     @property
     def pid_file(self) -> Path:
@@ -50,51 +47,19 @@ class LocalPrometheus:
         return path
 
     def start(self, timeout: float = 60) -> None:
+        """Start it and wait until ``/-/ready`` answers (the log tail when it exits or times out)."""
         exe = shutil.which("prometheus")
         if exe is None:
             raise RuntimeError("prometheus is not installed: `make prometheus-tools` (Debian: apt-get install "
                                "prometheus), or use docker/compose.yaml")
         config = self.write_config()
-        log = open(self.home / "prometheus.log", "ab")
-        self.proc = subprocess.Popen([exe, f"--config.file={config}", f"--storage.tsdb.path={self.home / 'data'}",
-                                      f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
-        self.pid_file.write_text(str(self.proc.pid))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Prometheus exited: {(self.home / 'prometheus.log').read_text()[-1500:]}")
-            time.sleep(0.3)
-        raise TimeoutError(f"Prometheus not ready after {timeout:.0f} s (log: {self.home / 'prometheus.log'})")
+        self.process.start([exe, f"--config.file={config}", f"--storage.tsdb.path={self.home / 'data'}",
+                            f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"])
+        self.process.wait_ready(lambda: requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200, timeout)
 
     def stop(self, timeout: float = 30) -> bool:
-        pid = self.proc.pid if self.proc else (int(self.pid_file.read_text()) if self.pid_file.is_file() else None)
-        if pid is None:
-            return False
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            self.pid_file.unlink(missing_ok=True)
-            return False
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if self.proc is not None:
-                    if self.proc.poll() is not None:
-                        break
-                else:
-                    os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        self.pid_file.unlink(missing_ok=True)
-        return True
+        """SIGTERM (SIGKILL after ``timeout`` s); False when none was running."""
+        return self.process.stop(timeout)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .process import wait_until
+
 # the layout of the image (docker/Dockerfile)
 IMAGE_HOME = "/home/model-server"
 IMAGE_STORE = f"{IMAGE_HOME}/model-store"
@@ -357,16 +359,19 @@ def logs(engine: Engine, name: str, lines: int = 40) -> str:
 def wait_healthy(engine: Engine, name: str, timeout: float = 300) -> float:
     """Seconds until the HEALTHCHECK says healthy (every worker READY); raises with the log tail."""
     started = time.monotonic()
-    state = "starting"
-    while time.monotonic() < started + timeout:
-        state = engine.health(name)
-        if state == "healthy":
-            return time.monotonic() - started
-        if state not in ("starting", "unhealthy", "running"):  # exited, absent
-            break
-        time.sleep(1)
-    raise ContainerError(f"container {name} is {state} after {time.monotonic() - started:.0f} s; "
-                         f"its log:\n{logs(engine, name)}")
+    state = ["starting"]
+
+    def healthy() -> bool:
+        state[0] = engine.health(name)
+        return state[0] == "healthy"
+
+    try:
+        wait_until(healthy, timeout, what=f"container {name}", interval=1,
+                   running=lambda: state[0] in ("starting", "unhealthy", "running"))  # not exited, not absent
+    except (TimeoutError, RuntimeError):
+        raise ContainerError(f"container {name} is {state[0]} after {time.monotonic() - started:.0f} s; "
+                             f"its log:\n{logs(engine, name)}") from None
+    return time.monotonic() - started
 
 
 def stop(engine: Engine, name: str, timeout: int = 15) -> bool:

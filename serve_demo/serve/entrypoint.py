@@ -38,6 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from serve_demo.core import defaults
+
+from .process import stop_pid
 from .torchserve import TorchServe, read_properties
 from .versions import Registry, VersionError, finish_from_registry, plan_from_registry
 
@@ -47,8 +50,9 @@ IMAGE_HOME = Path(os.environ.get("SERVE_DEMO_IMAGE_HOME", "/home/model-server"))
 HEALTH_FILE = "health.json"  # read by docker/healthcheck.py
 JVM_MARKER = "org.pytorch.serve.ModelServer"
 # where each API listens in the container when neither the environment nor the config says
-IMAGE_ADDRESSES = {"inference_address": "http://0.0.0.0:8080", "management_address": "http://127.0.0.1:8081",
-                   "metrics_address": "http://127.0.0.1:8082"}
+IMAGE_ADDRESSES = {"inference_address": f"http://0.0.0.0:{defaults.INFERENCE_PORT}",
+                   "management_address": f"http://127.0.0.1:{defaults.MANAGEMENT_PORT}",
+                   "metrics_address": f"http://127.0.0.1:{defaults.METRICS_PORT}"}
 
 
 def drain_seconds() -> float:
@@ -144,32 +148,13 @@ def in_flight(pid: int | None, port: int) -> int:
     return sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
 
 
-def alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def drain_and_stop(pid: int | None, port: int, drain: float, kill_after: float = 10) -> None:
     """Wait (up to ``drain`` s) for the requests in flight, SIGTERM the JVM, SIGKILL it if it hangs."""
     deadline = time.monotonic() + drain
     while in_flight(pid, port) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if pid is None:
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + kill_after
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if alive(pid):
-        log.warning("TorchServe (pid %d) did not exit %.0f s after SIGTERM; killing it", pid, kill_after)
-        os.kill(pid, signal.SIGKILL)
+    if pid is not None:
+        stop_pid(pid, kill_after, what="TorchServe")
 
 
 class Supervisor:

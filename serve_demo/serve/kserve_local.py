@@ -8,12 +8,10 @@ in ``HOME`` (``kserve.pid``, ``kserve.log``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,7 @@ import requests
 
 from serve_demo.core import defaults
 
-from .torchserve import free_ports
+from .process import Background, free_ports
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +73,13 @@ class KServeServer:
     def log_file(self) -> Path:
         return self.home / "kserve.log"
 
+    @functools.cached_property
+    def process(self) -> Background:
+        return Background("KServe server", self.pid_file, self.log_file)
+
     def pid(self) -> int | None:
         """The server's pid, if it runs."""
-        try:
-            pid = int(self.pid_file.read_text())
-            os.kill(pid, 0)
-        except (OSError, ValueError):
-            return None
-        return pid
+        return self.process.pid()
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "serve_demo.serve.kserve_server"]
@@ -92,17 +89,9 @@ class KServeServer:
 
     def start(self) -> None:
         """Start in the background (returns at once; see :meth:`wait_ready`)."""
-        if self.pid():
-            raise RuntimeError(f"a KServe server of {self.home} is already running (pid {self.pid()}); "
-                               "stop it first (make stop)")
         if not self.archives:
             raise ValueError(f"no archives to serve from {self.model_store}: run `make archive` first")
-        self.home.mkdir(parents=True, exist_ok=True)
-        log.info("starting KServe: %s", " ".join(self.command()))
-        out = open(self.log_file, "ab")
-        proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **self.environment}, start_new_session=True)
-        self.pid_file.write_text(str(proc.pid))
+        self.process.start(self.command(), env={**os.environ, **self.environment})
 
     def models_ready(self) -> dict[str, bool]:
         """``{name: ready}`` from ``GET /v2/models/NAME/ready`` of every served model."""
@@ -115,18 +104,11 @@ class KServeServer:
         Raises:
             TimeoutError / RuntimeError: with the log tail.
         """
-        started = time.monotonic()
-        while time.monotonic() < started + timeout:
-            if self.pid() is None:
-                raise RuntimeError(f"the KServe server exited; log tail:\n{self.log_tail()}")
-            try:
-                status = self.models_ready()
-                if status and all(status.values()):
-                    return status
-            except (requests.ConnectionError, requests.Timeout, ValueError):
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"KServe server not ready after {timeout:.0f} s; log tail:\n{self.log_tail()}")
+        def ready() -> dict[str, bool] | None:
+            status = self.models_ready()
+            return status if status and all(status.values()) else None
+
+        return self.process.wait_ready(ready, timeout)
 
     @contextlib.contextmanager
     def running(self, timeout: float = 120.0) -> Iterator[KServeServer]:
@@ -139,36 +121,8 @@ class KServeServer:
             self.stop()
 
     def log_tail(self, lines: int = 30) -> str:
-        if not self.log_file.exists():
-            return ""
-        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        return self.process.tail(lines)
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """SIGTERM (KServe drains in-flight requests), wait; True if one was running."""
-        pid = self.pid()
-        if not pid:
-            return False
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-                if _is_zombie(pid):
-                    break
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
-            log.warning("KServe pid %d did not exit in %.0f s; killing it", pid, timeout)
-            os.killpg(pid, signal.SIGKILL)
-        self.pid_file.unlink(missing_ok=True)
-        return True
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        import psutil
-
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except Exception:  # gone meanwhile
-        return True
+        """SIGTERM (KServe drains in-flight requests), wait, SIGKILL its group; True if one was running."""
+        return self.process.stop(timeout)

@@ -8,15 +8,11 @@ pid file, logs and metrics live under ``HOME`` (default ``build/server``), so tw
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import logging
 import os
-import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,24 +23,11 @@ import requests
 from serve_demo.core import defaults
 from serve_demo.core.layout import WORKERS_ENV, count_gpus, cpu_layout, gpu_layout
 
+from .process import bearer, executable, free_ports, log_tail, stop_pid, wait_until
+
 log = logging.getLogger(__name__)
 
 BASE_CONFIG = Path("docker/config.properties")
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on loopback."""
-    import socket
-
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -172,7 +155,7 @@ class TorchServe:
         if self.pid():
             raise RuntimeError(f"a TorchServe of {self.home} is already running (pid {self.pid()}); "
                                "stop it first (make stop)")
-        exe = shutil.which("torchserve") or str(Path(sys.executable).parent / "torchserve")
+        exe = executable("torchserve")
         config = self.write_config()
         cmd = [exe, "--start", "--ncs", "--ts-config", str(config), "--model-store", str(self.model_store)]
         log.info("starting TorchServe: %s", " ".join(cmd))
@@ -188,8 +171,7 @@ class TorchServe:
 
     def auth(self, kind: str = "management") -> dict[str, str]:
         """The ``Authorization`` header for ``kind`` requests, or nothing when tokens are off."""
-        key = self.key(kind)
-        return {"Authorization": f"Bearer {key}"} if key else {}
+        return bearer(self.key(kind))
 
     def models_status(self) -> dict[str, list[dict]]:
         """``{name: [version descriptions]}`` from the management API."""
@@ -206,22 +188,21 @@ class TorchServe:
             TimeoutError: with the last status and the log tail.
         """
         started = time.monotonic()
-        status: dict | str = "no answer yet"
-        while time.monotonic() < started + timeout:
-            if self.pid() is None and time.monotonic() > started + 20:
-                raise RuntimeError(f"TorchServe is not running; log tail:\n{self.log_tail()}")
-            try:
-                status = self.models_status()
-                workers = [w for versions in status.values() for v in versions for w in v.get("workers", [])]
-                if (status and all(w.get("status") == "READY" for w in workers) and workers
-                        and all(n in status for n in (expect or []))
-                        and all(v.get("workers") for versions in status.values() for v in versions)):
-                    return status
-            except (requests.ConnectionError, requests.Timeout, ValueError):
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"TorchServe not ready after {timeout:.0f} s; status: {status}\n"
-                           f"log tail:\n{self.log_tail()}")
+
+        def ready() -> dict[str, list[dict]] | None:
+            status = self.models_status()
+            workers = [w for versions in status.values() for v in versions for w in v.get("workers", [])]
+            if (status and workers and all(w.get("status") == "READY" for w in workers)
+                    and all(n in status for n in (expect or []))
+                    and all(v.get("workers") for versions in status.values() for v in versions)):
+                return status
+            return None
+
+        def running() -> bool:  # the JVM's first seconds: `torchserve --start` has returned, no JVM yet
+            return self.pid() is not None or time.monotonic() < started + 20
+
+        return wait_until(ready, timeout, what="TorchServe", interval=0.5, running=running,
+                          details=lambda: f"log tail:\n{self.log_tail()}")
 
     @contextlib.contextmanager
     def running(self, timeout: float = 120.0, expect: list[str] | None = None) -> Iterator[TorchServe]:
@@ -235,145 +216,13 @@ class TorchServe:
 
     def log_tail(self, lines: int = 30) -> str:
         path = self.home / "logs" / "ts_log.log"
-        if not path.exists():
-            path = self.home / "torchserve.out"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+        return log_tail(path if path.exists() else self.home / "torchserve.out", lines)
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """Ask TorchServe to stop and wait for the JVM to exit; True if one was running."""
+        """Ask TorchServe to stop and wait for the JVM to exit (SIGKILL after ``timeout`` s); True if one ran."""
         pid = self.pid()
         if not pid:
             return False
-        exe = shutil.which("torchserve") or str(Path(sys.executable).parent / "torchserve")
-        subprocess.run([exe, "--stop"], env=self.env(), cwd=self.home, capture_output=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True
-            time.sleep(0.2)
-        log.warning("TorchServe pid %d did not exit in %.0f s; killing it", pid, timeout)
-        os.kill(pid, signal.SIGKILL)
+        subprocess.run([executable("torchserve"), "--stop"], env=self.env(), cwd=self.home, capture_output=True)
+        stop_pid(pid, timeout, sig=None, what="TorchServe")
         return True
-
-
-def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--home", default=defaults.HOME, help="state folder: config, temp, logs")
-    p.add_argument("--model-store", default=defaults.MODEL_STORE)
-    p.add_argument("--inference-port", type=int, default=defaults.port("INFERENCE_PORT"),
-                   help="TorchServe's inference API; the KServe server's HTTP port")
-    p.add_argument("--management-port", type=int, default=defaults.port("MANAGEMENT_PORT"))
-    p.add_argument("--metrics-port", type=int, default=defaults.port("METRICS_PORT"))
-    p.add_argument("--grpc-ports", type=int, nargs=2, metavar=("INFERENCE", "MANAGEMENT"),
-                   default=[defaults.port("GRPC_INFERENCE_PORT"), defaults.port("GRPC_MANAGEMENT_PORT")],
-                   help="TorchServe's gRPC ports; the first is the KServe server's OIP v2 gRPC port")
-
-
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    add_common_arguments(p)
-    p.add_argument("--server", default=defaults.SERVER, choices=defaults.SERVERS,
-                   help="torchserve (default) or kserve: KServe's ModelServer over the same archives")
-    p.add_argument("--timeout", type=float, default=180, help="seconds to wait for READY workers")
-
-
-def from_args(args: argparse.Namespace) -> TorchServe:
-    return TorchServe(home=Path(args.home), model_store=Path(args.model_store),
-                      inference_port=args.inference_port, management_port=args.management_port,
-                      metrics_port=args.metrics_port, grpc_inference_port=args.grpc_ports[0],
-                      grpc_management_port=args.grpc_ports[1])
-
-
-def kserve_from_args(args: argparse.Namespace):
-    """The local KServe server of ``make serve SERVER=kserve`` (serving each model's default version)."""
-    from .kserve_local import KServeServer
-
-    return KServeServer(Path(args.home), Path(args.model_store), http_port=args.inference_port,
-                        grpc_port=args.grpc_ports[0])
-
-
-def main_serve_kserve(args: argparse.Namespace) -> int:
-    """``make serve SERVER=kserve``: each model's default archive on KServe's ModelServer."""
-    from .versions import Registry
-
-    ks = kserve_from_args(args)
-    if ks.pid():
-        print(f"the KServe server already runs (pid {ks.pid()}); `make stop` to restart it")
-    else:
-        if from_args(args).pid():
-            print(f"TorchServe runs from {args.home}: `make stop` first (both use port {args.inference_port})",
-                  file=sys.stderr)
-            return 2
-        registry = Registry.load(ks.model_store)
-        for w in registry.sync(ks.model_store):
-            log.warning(w)
-        registry.save()
-        ks.archives = registry.load_plan()[0]
-        if not ks.archives:
-            print(f"no archives in {ks.model_store}: run `make archive` (or `make demo`) first", file=sys.stderr)
-            return 2
-        ks.start()
-    try:
-        status = ks.wait_ready(args.timeout)
-    except (TimeoutError, RuntimeError) as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    print(f"KServe ModelServer ready at {ks.url} (OIP v2 gRPC {ks.grpc_target}, log {ks.log_file}); "
-          f"models: {', '.join(status)}")
-    first = next(iter(status))
-    print(f"try:\n  curl -X POST {ks.url}/predictions/{first} -T IMAGE.jpg\n"
-          f"  curl {ks.url}/v2/models/{first}   (OIP v2 metadata; no token: see docs/security.md)")
-    return 0
-
-
-def main_serve(args: argparse.Namespace) -> int:
-    """``make serve``: start, wait for READY workers, print models and a curl line."""
-    from .management import Management
-    from .versions import VersionError, archive_runtime, register_new_models, start_from_registry
-
-    if args.server == "kserve":
-        return main_serve_kserve(args)
-    ts = from_args(args)
-    if kserve_from_args(args).pid():
-        print(f"the KServe server runs from {args.home}: `make stop` first", file=sys.stderr)
-        return 2
-    try:
-        if ts.pid():
-            print(f"TorchServe already running (pid {ts.pid()}); `make stop` to restart it")
-            added = register_new_models(ts, ts.wait_ready(args.timeout))
-            if added:
-                print(f"registered the new archives {', '.join(added)}")
-            status = ts.wait_ready(args.timeout)
-        else:
-            status = start_from_registry(ts, args.timeout)
-    except VersionError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    except TimeoutError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    print(f"TorchServe ready at {ts.inference_url} (management {ts.management_url}, "
-          f"metrics {ts.metrics_url}, logs {ts.home / 'logs'})")
-    default_of = {name: Management(ts.management_url, home=ts.home).default_version(name) for name in status}
-    for name, versions in status.items():
-        for v in versions:
-            workers = ", ".join(w["status"] for w in v["workers"])
-            default = " (default)" if str(v["modelVersion"]) == default_of[name] else ""
-            runtime = archive_runtime(ts.model_store / v["modelUrl"]) if v.get("modelUrl") else "?"
-            print(f"  {name} {v['modelVersion']}{default}: {runtime}, batch {v['batchSize']}, workers [{workers}]")
-    first = next(iter(status))
-    key = ts.key("inference")
-    auth = f' -H "Authorization: Bearer {key}"' if key else ""
-    print(f"try:\n  curl -X POST {ts.inference_url}/predictions/{first} -T IMAGE.jpg{auth}")
-    if key:
-        print(f"  (token authorization is on: keys in {ts.home / 'key_file.json'}; `make key` prints the "
-              "inference key; serve_demo predict/evaluate read it from there)")
-    return 0
-
-
-def main_stop(args: argparse.Namespace) -> int:
-    """``make stop``: the TorchServe and the KServe server of ``HOME``, whichever runs."""
-    stopped = [name for name, server in (("TorchServe", from_args(args)), ("KServe server", kserve_from_args(args)))
-               if server.stop()]
-    print(f"{' and '.join(stopped)} stopped" if stopped else f"no server running from {args.home}")
-    return 0
