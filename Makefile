@@ -9,14 +9,14 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 
-# VERSION, THRESHOLD, GATE_TOLERANCE, SERVER, HOME_DIR, MODEL_STORE and the ports are written once,
-# in serve_demo/core/defaults.py (argparse reads them there); make includes them from it.
+# NAME, DATA, VERSION, THRESHOLD, RUNTIME, PRECISION, GATE_TOLERANCE, SERVER, HOME_DIR, MODEL_STORE,
+# PROMETHEUS_URL and the ports are written once, in serve_demo/core/defaults.py (argparse and the
+# library read them there); make includes them from it.
 DEFAULTS_MK := build/defaults.mk
 -include $(DEFAULTS_MK)
 $(DEFAULTS_MK): serve_demo/core/defaults.py
 	@mkdir -p $(@D) && $(PYTHON_SYS) serve_demo/core/defaults.py --make > $@
 
-NAME       ?= shapes
 # the committed mask model is a maskrcnn_tiny; everything else defaults to the demo's fcos_tiny
 ARCH       ?= $(if $(filter shapes_masks,$(NAME)),maskrcnn_tiny,fcos_tiny)
 WEIGHTS    ?= weights/$(NAME).pt
@@ -29,15 +29,12 @@ MASK_THRESHOLD ?=
 MODEL_KWARGS ?=
 GPU_OPTIONS ?=
 BATCH_SIZE ?= 1
-# the dense layers' runtime (docs/performance.md): auto = the fastest that passes the parity gate on this
-# machine's PARITY_DATA/PARITY_SPLIT images (eager when none is faster); eager | onnxruntime | openvino
-RUNTIME    ?= auto
-PRECISION  ?= fp32
+# RUNTIME, the dense layers' runtime (docs/performance.md): auto = the fastest that passes the parity gate on
+# this machine's PARITY_DATA/PARITY_SPLIT images (eager when none is faster); eager | onnxruntime | openvino
 PARITY_SPLIT ?= valid
 # workers x threads per worker: empty = the serving machine's layout (docs/performance.md)
 WORKERS    ?=
 THREADS    ?=
-DATA       ?= data/shapes
 MASK_DATA  ?= data/shapes_masks
 DATASET    ?= $(if $(filter shapes_masks,$(NAME)),$(MASK_DATA),$(DATA))
 SPLIT      ?= test
@@ -65,7 +62,6 @@ EVERY      ?= 1
 INFLIGHT   ?= 4
 CAPTURE    ?=
 WINDOW     ?= 1h
-PROMETHEUS_URL ?= http://127.0.0.1:9090
 COLLECT_OUT ?= data/collected
 PARITY_DATA ?= $(DATASET)
 export INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT GRPC_INFERENCE_PORT GRPC_MANAGEMENT_PORT
@@ -142,7 +138,16 @@ train-masks: data-masks ## retrain the committed mask model from the demo's back
 	$(PY) -m serve_demo train --data $(MASK_DATA) --name shapes_masks --arch maskrcnn_tiny --epochs 3 \
 		--batch-size 8 --lr 2e-3 --seed 0 --eval-every 1 --threads 2 --init-backbone weights/shapes.pt --fp16
 
-$(MAR): $(WEIGHTS) $(LABELS) $(wildcard serve_demo/core/*.py handlers/*.py) | $(STAMP) $(PARITY_NEEDS)
+# The archive depends on the values that build it too: ARCHIVE_ARGS is kept in a stamp, rewritten when
+# it changes (make demo THRESHOLD=0.3 after make demo rebuilds a 0.3 archive).
+ARCHIVE_STAMP = build/archive-args/$(NAME)-$(VERSION).args
+ifneq ($(file <$(ARCHIVE_STAMP)),$(strip $(ARCHIVE_ARGS)))
+$(shell mkdir -p build/archive-args)
+$(file >$(ARCHIVE_STAMP),$(strip $(ARCHIVE_ARGS)))
+endif
+
+$(MAR): $(ARCHIVE_STAMP) $(WEIGHTS) $(LABELS) $(wildcard serve_demo/core/*.py serve_demo/archive/*.py handlers/*.py) \
+		| $(STAMP) $(PARITY_NEEDS)
 	$(PY) -m serve_demo archive $(ARCHIVE_ARGS)
 
 archive: $(PARITY_NEEDS) | $(STAMP) ## bundle WEIGHTS + LABELS (+ MODEL_FILE) into model-store/NAME-VERSION.mar; RUNTIME=auto|eager|onnxruntime|openvino, PRECISION, WORKERS, THREADS

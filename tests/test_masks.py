@@ -17,9 +17,9 @@ from serve_demo.core.draw import draw_detections
 from serve_demo.core.imaging import RequestError
 from serve_demo.core.pipeline import COCO_KEYPOINTS, Request, format_output, parse_request
 from serve_demo.data.coco import CocoDetection, label_map_from_coco, load_coco, segmentation_to_mask
+from serve_demo.data.cocometrics import coco_metrics, for_iou_type, iou_types, to_coco_detections
 from serve_demo.data.convert import ConvertError, convert_pennfudan, split_names
 from serve_demo.data.synth import SynthConfig, generate_split, render_image
-from serve_demo.evaluate.cocometrics import coco_metrics, for_iou_type, iou_types, to_coco_detections
 
 from .conftest import encode
 

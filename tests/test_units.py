@@ -16,8 +16,8 @@ from serve_demo.core.imaging import RequestError, decode_image
 from serve_demo.core.models import build_model, load_weights
 from serve_demo.core.pipeline import parse_request
 from serve_demo.data.coco import CocoDetection, label_map_from_coco
+from serve_demo.data.cocometrics import coco_bbox_metrics, f_beta_curve, image_errors, matches_at_iou, pr_curves
 from serve_demo.data.synth import SynthConfig, generate_split
-from serve_demo.evaluate.cocometrics import coco_bbox_metrics, f_beta_curve, image_errors, matches_at_iou, pr_curves
 from tests.conftest import encode
 
 

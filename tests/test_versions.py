@@ -15,12 +15,11 @@ import requests
 
 from serve_demo import cli
 from serve_demo.archive.builder import build
+from serve_demo.evaluate.gate import gate_drops, gate_table
 from serve_demo.serve.management import Management
 from serve_demo.serve.versions import (
     Registry,
     VersionError,
-    gate_drops,
-    gate_table,
     register_new_models,
     start_from_registry,
     version_key,

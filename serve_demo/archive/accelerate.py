@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,9 +23,7 @@ from serve_demo.core.loader import load_detector
 from serve_demo.core.runtime import RUNTIME_DIR, RuntimeConfig, RuntimeManifest, accelerate, export_parts
 
 from .parity import ParityReport, check_parity, validation_images
-
-if TYPE_CHECKING:
-    from .builder import ArchiveSpec
+from .spec import ArchiveError, ArchiveSpec, importable
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +55,6 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
     Raises:
         ArchiveError: no parity data, a runtime not installed, or parity failed (with the figures).
     """
-    from .builder import ArchiveError
-
     if not spec.parity_data:
         raise ArchiveError(f"runtime {spec.runtime} needs validation images for its parity gate: give "
                            "--parity-data DATASET (make archive PARITY_DATA=data/yours), or RUNTIME=eager")
@@ -138,9 +133,7 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
 def _load(stage: Path, weights: Path, model_file: Path | None, cfg: HandlerConfig,
           labels: dict[int, str]) -> torch.nn.Module:
     """The eager model as a worker loads it (the archive's files, imported from the stage)."""
-    from .builder import _importable
-
     eager_cfg = dataclasses.replace(cfg, runtime=None)
-    with _importable(stage, model_file):
+    with importable(stage, model_file):
         return load_detector(stage, str(weights), str(model_file) if model_file else None, eager_cfg,
                              len(labels), torch.device("cpu"))

@@ -9,17 +9,13 @@ instead of at serve time. ``torch-model-archiver`` runs with a private ``TMPDIR`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -33,66 +29,9 @@ from serve_demo.core.pipeline import keypoint_names_for
 from serve_demo.core.runtime import PRECISIONS, RUNTIMES, RuntimeConfig
 
 from . import accelerate
+from .spec import CORE, PACKAGE, VALID_ID, ArchiveError, ArchiveSpec, importable
 
 log = logging.getLogger(__name__)
-
-PACKAGE = Path(__file__).resolve().parent.parent  # serve_demo/
-CORE = "core"  # the worker core: the archive carries this folder, so it runs on any TorchServe
-HANDLER = "handlers/detector_handler.py"  # relative to the project folder (make runs there)
-
-VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-class ArchiveError(RuntimeError):
-    """The inputs do not make a servable archive; the message names what to fix."""
-
-
-@dataclass
-class ArchiveSpec:
-    """What to archive and how it serves: the library API of ``serve_demo archive``.
-
-    The command line (:func:`add_arguments`) is built from these fields' defaults, so both agree.
-    """
-
-    name: str
-    weights: str  # state_dict file (.pt/.pth), a training checkpoint or a PyTorch Lightning .ckpt
-    labels: str  # label map JSON {"0": "__background__", ...}
-    version: str = defaults.VERSION
-    arch: str | None = None  # architecture name; None: DEMO_ARCH unless model_file is given
-    model_file: str | None = None  # a .py defining one detector class with a no-argument constructor
-    handler: str = HANDLER
-    threshold: float = defaults.THRESHOLD
-    response_format: str = defaults.RESPONSE_FORMAT
-    batch_size: int = 1
-    max_batch_delay: int = 20  # ms
-    workers: int = 0  # workers for this model; 0: the serving machine's layout (core.layout.cpu_layout)
-    threads: int = 0  # torch/runtime threads per worker; 0: the serving machine's layout
-    mask_threshold: float = defaults.MASK_THRESHOLD
-    keypoint_names: str | None = None  # path of a JSON list of names
-    model_kwargs: dict = field(default_factory=dict)
-    weights_prefix: str | None = None  # key prefix to strip from the checkpoint (None: found by matching)
-    keep_duplicate_labels: bool = False
-    fp16: bool = False
-    gpu_decode: bool = False
-    channels_last: bool = False
-    pin_memory: bool = False
-    capture_rate: float = 0.0  # > 0: keep this share of the uncertain images for labelling (handler.capture)
-    runtime: str = "eager"  # eager | onnxruntime | openvino | auto (the fastest that passes parity here)
-    precision: str = "fp32"  # openvino only: bf16 / int8 skip pixel parity and must pass the promotion gate
-    parity_data: str | None = None  # COCO dataset root whose parity_split images gate an accelerated runtime
-    parity_split: str = "valid"
-    parity_images: int = 16
-    export_path: str = defaults.MODEL_STORE
-    build_dir: str = "build/archive"
-    no_check: bool = False
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ArchiveSpec:
-        """The spec of a parsed command line (``--model-kwargs`` JSON decoded)."""
-        values = {f.name: getattr(args, f.name) for f in fields(cls)}
-        values["model_kwargs"] = parse_model_kwargs(args.model_kwargs)
-        return cls(**values)
-
 
 _D = ArchiveSpec("", "", "")  # the defaults, for the command line
 
@@ -128,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                               "gated by parity with eager on validation images")
     rt.add_argument("--runtime", default=_D.runtime, choices=(*RUNTIMES, "auto"),
                     help="eager (torch), onnxruntime, openvino, or auto: the fastest that passes parity on "
-                         "this machine (default eager)")
+                         f"this machine when --parity-data is given, else eager (default {_D.runtime})")
     rt.add_argument("--precision", default=_D.precision, choices=PRECISIONS,
                     help="openvino only: bf16 or int8 (NNCF post-training quantization on the parity images) "
                          "are not bit-close, so they skip pixel parity and must pass make promote's mAP gate")
@@ -156,19 +95,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-path", default=_D.export_path)
     p.add_argument("--build-dir", default=_D.build_dir)
     p.add_argument("--no-check", action="store_true", help="skip loading and running the model")
-
-
-def parse_model_kwargs(raw: str | None) -> dict:
-    """``--model-kwargs`` JSON as a dict."""
-    if not raw:
-        return {}
-    try:
-        kwargs = json.loads(raw)
-    except ValueError as exc:
-        raise ArchiveError(f"--model-kwargs must be a JSON object: {exc}") from None
-    if not isinstance(kwargs, dict):
-        raise ArchiveError("--model-kwargs must be a JSON object such as '{\"min_size\": 512}'")
-    return kwargs
 
 
 def model_config(spec: ArchiveSpec, arch: str | None, runtime: RuntimeConfig | None = None) -> dict:
@@ -219,24 +145,10 @@ def keypoint_names_arg(spec: ArchiveSpec) -> list[str] | None:
     return names
 
 
-@contextlib.contextmanager
-def _importable(stage: Path, model_file: Path | None) -> Iterator[None]:
-    """``stage`` (the archive's folder) and the model file's folder importable, as in a worker."""
-    paths = [str(stage)] + ([str(model_file.parent)] if model_file else [])
-    sys.path[:0] = paths
-    try:
-        yield
-    finally:
-        for p in paths:
-            sys.path.remove(p)
-        if model_file:
-            sys.modules.pop(model_file.stem, None)
-
-
 def bare_model(stage: Path, model_file: Path | None, cfg: HandlerConfig, labels: dict[int, str]) -> torch.nn.Module:
     """The architecture without weights, to match the weights file's keys against."""
     try:
-        with _importable(stage, model_file):
+        with importable(stage, model_file):
             return load_detector(stage, None, str(model_file) if model_file else None, cfg, len(labels),
                                  torch.device("cpu"))
     except ModelFileError as exc:
@@ -252,7 +164,7 @@ def check_model(stage: Path, weights: Path, model_file: Path | None, cfg: Handle
     if keys != list(range(len(keys))):
         raise ArchiveError(f"label map ids must be 0..{len(keys) - 1} without gaps, got {keys}")
     try:
-        with _importable(stage, model_file):
+        with importable(stage, model_file):
             model = load_detector(stage, str(weights), str(model_file) if model_file else None, cfg,
                                   len(labels), torch.device("cpu"))
             t0 = time.perf_counter()
@@ -359,7 +271,10 @@ def build(spec: ArchiveSpec) -> Path:
         elapsed = check_model(stage, weights, model_file if spec.model_file else None, cfg, labels)
         log.info("checked: %s loads from %s and answers one 320x240 image in %.0f ms",
                  arch or model_file.name, weights.name, elapsed * 1000)
-    if spec.runtime != "eager":
+    if spec.runtime == "auto" and (spec.no_check or not spec.parity_data):
+        log.info("runtime auto: eager (an accelerated runtime is only chosen by its parity gate, which needs "
+                 "--parity-data DATASET and the check)")
+    elif spec.runtime != "eager":
         if spec.no_check:
             raise ArchiveError("an accelerated runtime needs the check (its parity gate): drop --no-check")
         chosen = accelerate.choose(spec, stage, weights, model_file if spec.model_file else None, cfg, labels,
@@ -463,7 +378,7 @@ def program_parity(spec: ArchiveSpec, kind: str, stage: Path, program: torch.nn.
     model_file = Path(spec.model_file).resolve() if spec.model_file else None
     twin_cfg = replace(cfg, arch=None if model_file else (spec.arch or DEMO_ARCH))
     try:
-        with _importable(stage, model_file):
+        with importable(stage, model_file):
             eager = load_detector(stage, None, str(model_file) if model_file else None, twin_cfg, len(labels),
                                   torch.device("cpu"))
         fitted, _ = fit_state_dict(eager.state_dict().keys(), state, None)

@@ -44,6 +44,8 @@ import numpy as np
 import requests
 from PIL import Image
 
+from serve_demo.core import defaults
+
 log = logging.getLogger(__name__)
 
 CONCURRENCY = (2, 4, 8)
@@ -155,12 +157,12 @@ def _inprocess_worker(mar: str, threads: int, runtime_threads: int | None, image
     torch.set_num_threads(threads)
     model = Detector.from_archive(mar, threads=threads, runtime_threads=runtime_threads)
     for data in warm:
-        model.predict(data, 0.5, "stock")
+        model.predict(data, defaults.THRESHOLD, "stock")
     barrier.wait()
     latencies, start = [], time.time()
     for data in images:
         t = time.perf_counter()
-        dumps(model.predict(data, 0.5, "stock"))
+        dumps(model.predict(data, defaults.THRESHOLD, "stock"))
         latencies.append(time.perf_counter() - t)
     results.put((start, time.time(), latencies))
 
@@ -575,7 +577,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="demo,frcnn",
                    help=f"comma-separated, from {sorted(MODELS)} (demo: the committed fcos_tiny; frcnn: "
                         "fasterrcnn_mobilenet_v3_large_fpn at 800 px, random weights)")
-    p.add_argument("--dataset", default="data/shapes", help="images to send; its --parity-split gates the runtimes")
+    p.add_argument("--dataset", default=defaults.DEMO_DATA,
+                   help="images to send; its --parity-split gates the runtimes")
     p.add_argument("--split", default="test")
     p.add_argument("--parity-split", default="valid")
     p.add_argument("--images", type=int, default=0,

@@ -32,6 +32,11 @@ MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb limit per image
 MAX_INSTANCES = 64  # images in one KServe v1/v2 request
 MAX_REQUEST_SIZE = 16 << 20  # bytes of one request body (TorchServe's max_request_size, docker/config.properties)
 MAX_RESPONSE_SIZE = 16 << 20  # bytes of one answer (TorchServe's max_response_size): larger image answers get 413
+RUNTIME = "auto"  # an archive's dense layers: the fastest runtime that passes the parity gate (eager without one)
+PRECISION = "fp32"
+DEMO_NAME = "shapes"  # the embedded demo: its model name, dataset and label map
+DEMO_DATA = "data/shapes"
+PROMETHEUS_URL = "http://127.0.0.1:9090"
 GATE_TOLERANCE = 0.005  # largest mAP@[.5:.95] drop a promotion accepts
 
 _PORTS = ("INFERENCE_PORT", "MANAGEMENT_PORT", "METRICS_PORT", "GRPC_INFERENCE_PORT", "GRPC_MANAGEMENT_PORT")
@@ -52,7 +57,8 @@ def port(name: str) -> int:
 def make_variables() -> str:
     """The defaults as Makefile ``?=`` assignments (``include``d by the Makefile)."""
     values = {"HOME_DIR": HOME, "MODEL_STORE": MODEL_STORE, "VERSION": VERSION, "SERVER": SERVER,
-              "THRESHOLD": THRESHOLD, "GATE_TOLERANCE": GATE_TOLERANCE,
+              "THRESHOLD": THRESHOLD, "GATE_TOLERANCE": GATE_TOLERANCE, "RUNTIME": RUNTIME, "PRECISION": PRECISION,
+              "NAME": DEMO_NAME, "DATA": DEMO_DATA, "PROMETHEUS_URL": PROMETHEUS_URL,
               **{name: globals()[name] for name in _PORTS}}
     return "".join(f"{k} ?= {v}\n" for k, v in values.items())
 

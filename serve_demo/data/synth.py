@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from serve_demo.core import defaults
+
 log = logging.getLogger(__name__)
 
 CLASSES = ("ellipse", "rectangle", "triangle", "star", "cross")
@@ -260,7 +262,7 @@ def generate(out: Path, seed: int = 0, train: int = 3000, valid: int = 200, test
 
 def add_arguments(p) -> None:
     """``serve_demo data``: where, which seed, how many images per split."""
-    p.add_argument("--out", default="data/shapes", help="dataset root (train/ valid/ test/)")
+    p.add_argument("--out", default=defaults.DEMO_DATA, help="dataset root (train/ valid/ test/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train", type=int, default=3000, help="training images")
     p.add_argument("--valid", type=int, default=200, help="validation images")

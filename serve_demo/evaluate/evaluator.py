@@ -29,10 +29,9 @@ import requests
 from serve_demo.core import defaults, schema
 from serve_demo.core.imaging import load_rgb
 from serve_demo.data.coco import load_coco, split_dir
+from serve_demo.data.cocometrics import coco_metrics, f_beta_curve, image_errors, iou_types, matches_at_iou, pr_curves
 from serve_demo.serve.client import DEFAULT_URL, PredictionError, predict_bytes
 from serve_demo.serve.management import DEFAULT_MANAGEMENT_URL, Management, ManagementError, read_key
-
-from .cocometrics import coco_metrics, f_beta_curve, image_errors, iou_types, matches_at_iou, pr_curves
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +280,7 @@ def cached_result(out: Path, expected: dict) -> dict | None:
     return None
 
 
-def evaluate(dataset: str | Path, split: str = "test", *, model: str = "shapes", version: str | None = None,
+def evaluate(dataset: str | Path, split: str = "test", *, model: str = defaults.DEMO_NAME, version: str | None = None,
              url: str = DEFAULT_URL, management: Management | None = None, store: Path = Path(defaults.MODEL_STORE),
              offline: Path | None = None, archive: Path | None = None, concurrency: int = 4,
              threshold: float = defaults.THRESHOLD, limit: int | None = None, out: Path | None = None,
@@ -356,7 +355,7 @@ def summary_line(result: dict) -> str:
 
 def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by evaluate, promote and compare."""
-    p.add_argument("--dataset", default="data/shapes", help="COCO-format folder (train/ valid/ test/)")
+    p.add_argument("--dataset", default=defaults.DEMO_DATA, help="COCO-format folder (train/ valid/ test/)")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
     p.add_argument("--url", default=DEFAULT_URL, help="inference API")
@@ -373,7 +372,7 @@ def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataset_arguments(p)
-    p.add_argument("--model", default="shapes", help="served model name")
+    p.add_argument("--model", default=defaults.DEMO_NAME, help="served model name")
     p.add_argument("--version", default=None, help="served model version (default: the default one)")
     p.add_argument("--offline", metavar="MAR", default=None,
                    help="evaluate this archive in-process instead of through the endpoint")

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve_demo.core import defaults
+
 from .drift import DriftError, Prometheus
 
 GRAFANA_JSON = Path("docker/grafana/dashboards/serve-demo.json")
@@ -143,7 +145,7 @@ def render(prometheus: str, out: Path, minutes: float = 30, end: float | None = 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prometheus", default="http://127.0.0.1:9090")
+    p.add_argument("--prometheus", default=defaults.PROMETHEUS_URL)
     p.add_argument("--minutes", type=float, default=30, help="time range of the time series panels")
     p.add_argument("--out", default="reports/dashboard/dashboard.png")
     p.add_argument("--grafana", action="store_true", help=f"(re)write {GRAFANA_JSON} from the panel list instead")

@@ -301,9 +301,9 @@ def run(prometheus: str, model: str, version: str, baseline_path: Path, start: f
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="shapes")
+    p.add_argument("--model", default=defaults.DEMO_NAME)
     p.add_argument("--version", default=defaults.VERSION, help="the served version whose baseline applies")
-    p.add_argument("--prometheus", default="http://127.0.0.1:9090", help="Prometheus scraping the server")
+    p.add_argument("--prometheus", default=defaults.PROMETHEUS_URL, help="Prometheus scraping the server")
     p.add_argument("--window", type=parse_duration, default=parse_duration("1h"),
                    help="live window ending now (or at --end): 30m, 2h, 1d (default 1h)")
     p.add_argument("--end", type=float, default=None, help="window end, Unix seconds (default now)")

@@ -79,7 +79,7 @@ def format_json(body: Any) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", help="image files to send")
-    p.add_argument("--model", default=os.environ.get("MODEL", "shapes"), help="model name")
+    p.add_argument("--model", default=os.environ.get("MODEL", defaults.DEMO_NAME), help="model name")
     p.add_argument("--version", default=None, help="model version (default: the server's default)")
     p.add_argument("--url", default=DEFAULT_URL, help="inference API base URL")
     p.add_argument("--threshold", type=float, default=None, help="score threshold for this request")

@@ -37,7 +37,7 @@ class VideoSpec:
 
     source: str  # file path or stream URL
     out: Path
-    model: str = "shapes"
+    model: str = defaults.DEMO_NAME
     url: str = DEFAULT_URL
     token: str | None = None
     threshold: float = defaults.THRESHOLD
@@ -139,7 +139,7 @@ def run(spec: VideoSpec, progress: bool = True) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a video file, or a stream URL (http://, rtsp://, ...)")
     p.add_argument("--out", required=True, help="annotated video to write (.mp4); detections go to OUT.jsonl")
-    p.add_argument("--model", default="shapes")
+    p.add_argument("--model", default=defaults.DEMO_NAME)
     p.add_argument("--url", default=DEFAULT_URL, help=f"inference URL (default {DEFAULT_URL})")
     p.add_argument("--threshold", type=float, default=defaults.THRESHOLD)
     p.add_argument("--every", type=int, default=1, help="send every k-th frame (the others show the latest answer)")

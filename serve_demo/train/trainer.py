@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from serve_demo.core import defaults
 from serve_demo.core.models import DEMO_ARCH, available_archs, build_model, load_state_dict_file, task_of
 from serve_demo.data.coco import CocoDetection, collate, keypoint_names, label_map_from_coco, load_coco
-from serve_demo.evaluate.cocometrics import coco_metrics, to_coco_detections
+from serve_demo.data.cocometrics import coco_metrics, to_coco_detections
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-backbone", default=None, metavar="WEIGHTS",
                    help="start the backbone from another model's state_dict (its backbone.* tensors "
                         "of matching shape), e.g. weights/shapes.pt for maskrcnn_tiny")
-    p.add_argument("--mask-threshold", type=float, default=0.5, help="mask binarisation for segm mAP")
+    p.add_argument("--mask-threshold", type=float, default=defaults.MASK_THRESHOLD,
+                   help="mask binarisation for segm mAP")
 
 
 def pick_device(name: str) -> torch.device:
@@ -64,7 +66,7 @@ def pick_device(name: str) -> torch.device:
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.device,
-             batch_size: int = 8, mask_threshold: float = 0.5) -> dict[str, float]:
+             batch_size: int = 8, mask_threshold: float = defaults.MASK_THRESHOLD) -> dict[str, float]:
     """COCO metrics of ``model`` on ``dataset`` (model left in eval mode).
 
     bbox metrics are named ``mAP``, ``mAP_50``, ...; with masks or keypoints in the dataset,
