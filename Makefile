@@ -271,15 +271,17 @@ demo: data $(NEEDS_DATA) ## end to end: setup, data, archive the committed model
 		--url http://127.0.0.1:$(INFERENCE_PORT)
 	@echo "annotated picture: $(DRAW); TorchServe keeps running (make stop); look at it in a browser: make ui"
 
-test: $(STAMP) $(BROWSER) $(PROMETHEUS_BIN) ## run the test suite: unit, integration, real TorchServe + KServe, Prometheus, Chromium, the image
+test: $(STAMP) $(BROWSER) $(PROMETHEUS_BIN) ## lint, then the test suite: unit, integration, real TorchServe + KServe, Prometheus, Chromium, the image
+	@$(MAKE) --no-print-directory lint
 	@$(MAKE) --no-print-directory docker-build
 	$(PY) -m pytest tests -q
 
-test-unit: $(STAMP) ## the pure tests only (no archive, server or training; under a minute)
+test-unit: lint ## ruff, the layer contracts, then the pure tests (no archive, server or training; under a minute)
 	$(PY) -m pytest tests -q -m unit
 
-lint: $(STAMP) ## ruff check (changes nothing)
-	$(PY) -m ruff check serve_demo handlers tests scripts
+lint: $(STAMP) ## ruff check and the import layers (lint-imports: pyproject.toml); changes nothing
+	$(PY) -m ruff check serve_demo handlers tests scripts docker/healthcheck.py
+	$(VENV)/bin/lint-imports --no-cache
 
 format: $(STAMP) ## ruff format + fix imports
 	$(PY) -m ruff check --fix serve_demo handlers tests scripts

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from serve_demo.bench.runner import load_images  # noqa: E402
 from serve_demo.core.imaging import decode_image  # noqa: E402
-from serve_demo.core.worker import Detector  # noqa: E402
+from serve_demo.core.worker import Worker  # noqa: E402
 
 
 def timed(fn, sync: bool = True) -> float:
@@ -92,7 +92,7 @@ def main() -> int:
     pinned = [timed(lambda im=im: im.to(dev, non_blocking=True)) for im in pinned_imgs]
     print(f"copy    pageable {ms(pageable)} ms | pinned {ms(pinned)} ms")
 
-    model = Detector.from_archive(args.mar).model.to(dev).eval()
+    model = Worker.from_archive(args.mar).model.to(dev).eval()
     gpu_images = [im.to(dev).float().div_(255) for im in images]
 
     def run(batch: list[torch.Tensor], fp16: bool) -> list[dict]:

@@ -3,10 +3,10 @@
 
     .venv/bin/python scripts/bench_observe.py [--mar model-store/shapes-1.0.mar] [--images data/shapes/test]
 
-Runs the same single-image requests through ``Detector.handle`` (what a TorchServe worker runs) in
+Runs the same single-image requests through ``Worker.handle`` (what a TorchServe worker runs) in
 five modes, interleaved round by round so that drift of the machine hits every mode alike:
 
-- ``bare``: no statistics, no metrics (``Detector.observe`` replaced by a no-op);
+- ``bare``: no statistics, no metrics (``Worker.observe`` replaced by a no-op);
 - ``stats``: the per-image statistics only (sizes, brightness, answered classes and scores);
 - ``torchserve``: statistics + TorchServe's metrics cache (the handler's path: one log line per
   metric, parsed by the frontend: that JVM side is not in this number);
@@ -30,10 +30,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from detector_handler import TorchServeSink  # noqa: E402 - handlers/ is on the path
 
-from serve_demo.core import observe  # noqa: E402
 from serve_demo.core.capture import CaptureConfig, Capturer  # noqa: E402
-from serve_demo.core.worker import Detector  # noqa: E402
+from serve_demo.core.worker import Worker  # noqa: E402
+from serve_demo.serve.kserve_server import PrometheusSink  # noqa: E402
 
 
 def main() -> int:
@@ -45,7 +46,7 @@ def main() -> int:
     args = p.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f} (run it on a quiet machine)")
     torch.set_num_threads(1)
-    det = Detector.from_archive(args.mar, threads=1)
+    det = Worker.from_archive(args.mar, threads=1)
     bodies = [f.read_bytes() for f in sorted(Path(args.images).glob("*.jpg"))[: args.count]]
     headers = [{"Content-Type": "image/jpeg"}]
 
@@ -58,7 +59,7 @@ def main() -> int:
     logging.getLogger().handlers.clear()
     logging.getLogger().addHandler(logging.StreamHandler(io.StringIO()))  # the worker logs metric lines
     logging.getLogger().setLevel(logging.INFO)
-    sinks = {"torchserve": observe.TorchServeSink(ts_cache), "prometheus": observe.PrometheusSink()}
+    sinks = {"torchserve": TorchServeSink(ts_cache), "prometheus": PrometheusSink()}
     real_observe = det.observe
     tmp = Path(tempfile.mkdtemp(prefix="bench-capture-"))
     capturers = {rate: Capturer(CaptureConfig(enabled=True, rate=rate, dir=str(tmp / str(rate)), max_images=10**6,

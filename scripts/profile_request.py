@@ -23,7 +23,7 @@ from serve_demo.bench.runner import load_images  # noqa: E402
 from serve_demo.core.imaging import decode_image  # noqa: E402
 from serve_demo.core.pipeline import Request, format_output, run_detector  # noqa: E402
 from serve_demo.core.schema import dumps  # noqa: E402
-from serve_demo.core.worker import Detector  # noqa: E402
+from serve_demo.core.worker import Worker  # noqa: E402
 
 
 def med(xs: list[float]) -> float:
@@ -39,7 +39,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     images = load_images(Path("data/shapes"), "test", args.images)
-    am = Detector.from_archive(args.mar)
+    am = Worker.from_archive(args.mar)
     model = am.model
     t_dec, t_tv, t_model, t_json, t_script = [], [], [], [], []
     decoded = []

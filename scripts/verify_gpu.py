@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
 
 from serve_demo.core.pipeline import run_detector  # noqa: E402
-from serve_demo.core.worker import Detector  # noqa: E402
+from serve_demo.core.worker import Worker  # noqa: E402
 from serve_demo.data.synth import SynthConfig, render_image  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def check_handler_options(mar: Path, images: list[torch.Tensor], ref: list[dict]
 
     from serve_demo.core.imaging import decode_image, decode_image_on
 
-    model = Detector.from_archive(mar).model.to(cuda)
+    model = Worker.from_archive(mar).model.to(cuda)
     jpegs = []
     for im in images:
         buf = io.BytesIO()
@@ -83,7 +83,7 @@ def check_handler_options(mar: Path, images: list[torch.Tensor], ref: list[dict]
     on_cpu = [decode_image(j) for j in jpegs]
     decoded_on_gpu = sum(t.device.type == "cuda" for t in on_gpu)
     pixel = sum((g.cpu().float() - c.float()).abs().mean().item() for g, c in zip(on_gpu, on_cpu)) / len(jpegs)
-    cpu_ref = [run_detector(Detector.from_archive(mar).model, [c], torch.device("cpu"))[0] for c in on_cpu]
+    cpu_ref = [run_detector(Worker.from_archive(mar).model, [c], torch.device("cpu"))[0] for c in on_cpu]
     gpu_out = [run_detector(model, [g], cuda)[0] for g in on_gpu]
     rate, total = match_rate(cpu_ref, gpu_out)
     print(f"gpu_decode: {decoded_on_gpu} of {len(jpegs)} JPEGs decoded by nvjpeg, mean pixel diff vs Pillow "
@@ -93,7 +93,7 @@ def check_handler_options(mar: Path, images: list[torch.Tensor], ref: list[dict]
     diff = max(box_shift(a, b) for a, b in zip(ref, last))
     same_labels = all(torch.equal(a["labels"], b["labels"]) for a, b in zip(ref, last))
     print(f"channels_last: max box diff {diff:.4f} px, labels equal: {same_labels}")
-    model = Detector.from_archive(mar).model.to(cuda)
+    model = Worker.from_archive(mar).model.to(cuda)
     plain = [run_detector(model, [im], cuda)[0] for im in images]
     pinned = [run_detector(model, [im], cuda, pin_memory=True)[0] for im in images]
     equal = all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(plain, pinned))
@@ -112,9 +112,9 @@ def main() -> int:
     print(f"cuda: {torch.cuda.get_device_name(0)} (torch {torch.__version__})")
     rng = np.random.default_rng(123)
     images = [pil_to_tensor(render_image(rng, SynthConfig())[0]) for _ in range(args.images)]
-    am = Detector.from_archive(args.mar)
+    am = Worker.from_archive(args.mar)
     cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
-    gpu_model = Detector.from_archive(args.mar).model.to(cuda)
+    gpu_model = Worker.from_archive(args.mar).model.to(cuda)
 
     def timed(model, device, fp16):
         outs, t0 = [], time.perf_counter()

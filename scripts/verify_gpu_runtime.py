@@ -44,7 +44,7 @@ from serve_demo.archive.parity import ParityReport, compare  # noqa: E402
 from serve_demo.core.loader import open_archive  # noqa: E402
 from serve_demo.core.pipeline import run_detector  # noqa: E402
 from serve_demo.core.runtime import CompiledPart, OrtSession  # noqa: E402
-from serve_demo.core.worker import Detector  # noqa: E402
+from serve_demo.core.worker import Worker  # noqa: E402
 from serve_demo.data.synth import SynthConfig, render_image  # noqa: E402
 
 
@@ -89,17 +89,17 @@ def main() -> int:
     rng = np.random.default_rng(0)
     images = [pil_to_tensor(render_image(rng, SynthConfig())[0]) for _ in range(args.images)]
 
-    eager = Detector.from_archive(args.mar, "cpu", threads=4)
+    eager = Worker.from_archive(args.mar, "cpu", threads=4)
     if eager.runtime.name != "onnxruntime":
         print(f"FAIL: {args.mar} runs {eager.runtime.label}: build it with make archive RUNTIME=onnxruntime")
         return 1
     ort_cpu = eager.model
     files = open_archive(args.mar)  # the eager reference: the same archive with its runtime section removed
     files.config.setdefault("handler", {}).pop("runtime", None)
-    ref_model = Detector(files, "cpu", threads=4).model
+    ref_model = Worker(files, "cpu", threads=4).model
     ref, t_ref = timed(ref_model, images, torch.device("cpu"))
     got_cpu, t_cpu = timed(ort_cpu, images, torch.device("cpu"))
-    gpu = Detector.from_archive(args.mar, cuda)
+    gpu = Worker.from_archive(args.mar, cuda)
     parts = [m for m in gpu.model.modules() if isinstance(m, CompiledPart)]
     used = {tuple(m.session.session.get_providers()) for m in parts if isinstance(m.session, OrtSession)}
     print(f"onnxruntime sessions on CUDA use {sorted(used)}")

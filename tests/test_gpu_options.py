@@ -17,7 +17,7 @@ from serve_demo.core.config import HandlerConfig
 from serve_demo.core.imaging import RequestError, decode_image, decode_image_on, jpeg_for_gpu
 from serve_demo.core.loader import load_detector
 from serve_demo.core.pipeline import parse_request, run_detector, upload
-from serve_demo.core.worker import Detector
+from serve_demo.core.worker import Worker
 
 from .conftest import DEMO_LABELS, DEMO_WEIGHTS, archive_args, encode, synth_image
 
@@ -90,7 +90,7 @@ def test_archive_writes_gpu_options_and_the_model_still_loads(tmp_path):
     config = yaml.safe_load((tmp_path / "build" / "gpu_opts" / "model-config.yaml").read_text())
     assert {k: config["handler"][k] for k in ("fp16", "gpu_decode", "channels_last", "pin_memory")} == \
         {"fp16": True, "gpu_decode": True, "channels_last": True, "pin_memory": True}
-    model = Detector.from_archive(mar)
+    model = Worker.from_archive(mar)
     assert model.cfg.gpu_decode and model.cfg.channels_last
     buf = io.BytesIO()
     synth_image(5).save(buf, format="JPEG")

@@ -15,8 +15,9 @@ from torch import nn
 
 from serve_demo.archive import parity
 from serve_demo.archive.builder import ArchiveError, build
+from serve_demo.archive.export import export_parts
 from serve_demo.core import masks
-from serve_demo.core.layout import WORKERS_ENV, available_cpus, cpu_layout, runtime_threads, worker_threads
+from serve_demo.core.layout import WORKERS_ENV, available_cpus, cpu_layout, runtime_threads, worker_layout
 from serve_demo.core.models import available_archs, build_model
 from serve_demo.core.runtime import (
     Occupancy,
@@ -24,7 +25,6 @@ from serve_demo.core.runtime import (
     RuntimeManifest,
     ThreadChoice,
     accelerate,
-    export_parts,
     flatten,
     thread_choice,
     unflatten,
@@ -121,13 +121,13 @@ def test_occupancy_lets_a_lone_worker_go_wide(tmp_path):
 
 def test_worker_threads_share_the_cpus(monkeypatch):
     monkeypatch.delenv(WORKERS_ENV, raising=False)
-    assert worker_threads({"handler": {"threads": 3}, "minWorkers": 1}) == 3  # the archive decides
+    assert worker_layout(min_workers=1, threads=3).threads == 3  # the archive decides
     cpus = available_cpus()
-    assert worker_threads({"minWorkers": 1, "handler": {}}) == cpus
+    assert worker_layout(min_workers=1).threads == cpus
     monkeypatch.setenv(WORKERS_ENV, "1")  # the server starts one worker per model
-    assert worker_threads({}) == cpus
+    assert worker_layout().threads == cpus
     monkeypatch.setenv(WORKERS_ENV, str(cpus))
-    assert worker_threads({}) == 1
+    assert worker_layout().threads == 1
 
 
 def _answer(boxes, scores, labels, **extra) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from PIL import Image
 from serve_demo.archive.builder import build
 from serve_demo.core import schema
 from serve_demo.core.models import build_model
-from serve_demo.core.worker import Detector
+from serve_demo.core.worker import Worker
 from tests.conftest import ASSETS, ROOT, archive_args, encode, post, synth_image, worker_log, workers
 
 pytestmark = pytest.mark.server
@@ -129,7 +129,7 @@ def test_unknown_label_id_reported_by_number(target):
 
 
 def test_served_equals_in_process(target, model_store):
-    local = Detector.from_archive(model_store / "shapes-1.0.mar")
+    local = Worker.from_archive(model_store / "shapes-1.0.mar")
     for seed in (40, 41, 42):
         data = encode(synth_image(seed))
         served = post(target, "shapes", data, {"X-Response-Format": "detailed", "X-Threshold": "0"}).json()

@@ -32,7 +32,7 @@ def test_mask_model_trains_from_a_backbone_and_reports_segm(tmp_path):
     """maskrcnn_tiny on a tiny mask split: masks reach the loss, --init-backbone takes the demo's
     backbone, validation reports segm mAP, and the export archives and answers with masks."""
     from serve_demo.archive.builder import build
-    from serve_demo.core.worker import Detector
+    from serve_demo.core.worker import Worker
 
     from .conftest import DEMO_WEIGHTS, archive_args, encode, synth_image
 
@@ -53,5 +53,5 @@ def test_mask_model_trains_from_a_backbone_and_reports_segm(tmp_path):
     mar = build(archive_args(name="tinymask", weights=str(tmp_path / "w" / "tinymask.pt"), arch="maskrcnn_tiny",
                              labels=str(tmp_path / "labels" / "tinymask.json"), export_path=str(tmp_path / "store"),
                              build_dir=str(tmp_path / "build")))
-    answer = Detector.from_archive(mar).predict(encode(synth_image(1)), threshold=0.0)
+    answer = Worker.from_archive(mar).predict(encode(synth_image(1)), threshold=0.0)
     assert all("mask" in d for d in answer["detections"])

@@ -110,7 +110,7 @@ def test_handler_config_validation():
 
 
 def test_schema_formats_roundtrip():
-    dets = schema.make_detections([[1, 2, 3, 4], [5, 6, 7, 8]], [0.9, 0.2], [1, 9], {1: "cat"}, 0.1)
+    dets = schema.make_detections([[1, 2, 3, 4], [5, 6, 7, 8]], [0.9, 0.2], [1, 9], {1: "cat"})
     assert [d.label for d in dets] == ["cat", "9"]
     stock = schema.stock_payload(dets)
     assert stock[0] == {"cat": [1.0, 2.0, 3.0, 4.0], "score": 0.9}

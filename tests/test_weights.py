@@ -14,7 +14,7 @@ import torch
 
 from serve_demo.archive.builder import ArchiveError, build
 from serve_demo.core.models import build_model, fit_state_dict
-from serve_demo.core.worker import Detector
+from serve_demo.core.worker import Worker
 from tests.conftest import ROOT, archive_args, encode, synth_image
 
 
@@ -66,7 +66,7 @@ def test_lightning_checkpoint_archived_with_prefix_stripped(tmp_path, lightning_
         archived = torch.load(z.open(manifest["serializedFile"]), weights_only=True)
     assert sorted(archived) == sorted(state)  # the state_dict alone: no optimizer, no "model." prefix
     assert all(torch.equal(archived[k], state[k]) for k in state)
-    detector = Detector.from_archive(mar)
+    detector = Worker.from_archive(mar)
     try:
         assert isinstance(detector.predict(encode(synth_image(1)), threshold=0.0)["detections"], list)
     finally:

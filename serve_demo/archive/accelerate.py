@@ -20,8 +20,9 @@ import torch
 from serve_demo.core.config import HandlerConfig
 from serve_demo.core.layout import cpu_layout
 from serve_demo.core.loader import load_detector
-from serve_demo.core.runtime import RUNTIME_DIR, RuntimeConfig, RuntimeManifest, accelerate, export_parts
+from serve_demo.core.runtime import RUNTIME_DIR, RuntimeConfig, RuntimeManifest, accelerate
 
+from .export import export_parts
 from .parity import ParityReport, check_parity, validation_images
 from .spec import ArchiveError, ArchiveSpec, importable
 

@@ -151,11 +151,11 @@ def _inprocess_worker(mar: str, threads: int, runtime_threads: int | None, image
     import torch
 
     from serve_demo.core.schema import dumps
-    from serve_demo.core.worker import Detector
+    from serve_demo.core.worker import Worker
 
     logging.disable(logging.WARNING)
     torch.set_num_threads(threads)
-    model = Detector.from_archive(mar, threads=threads, runtime_threads=runtime_threads)
+    model = Worker.from_archive(mar, threads=threads, runtime_threads=runtime_threads)
     for data in warm:
         model.predict(data, defaults.THRESHOLD, "stock")
     barrier.wait()
@@ -190,7 +190,7 @@ def bench_inprocess(mar: Path, images: list[bytes], processes: int, threads: int
                 for p in procs:
                     p.kill()
                 raise RuntimeError(f"an in-process measurement of {mar.name} died (exit {dead[0].exitcode}): "
-                                   f"run Detector.from_archive({str(mar)!r}) to see why") from None
+                                   f"run Worker.from_archive({str(mar)!r}) to see why") from None
     for p in procs:
         p.join(60)
     start, end = min(g[0] for g in got), max(g[1] for g in got)

@@ -108,20 +108,12 @@ def count_gpus() -> int:
     return found
 
 
-def worker_layout(model_config: dict) -> Layout:
-    """A CPU worker's layout: ``minWorkers`` (or the server's ``SERVE_DEMO_WORKERS``, or the default
-    layout's) workers, each with the archive's ``handler.threads`` or else its share of the CPUs."""
-    handler = model_config.get("handler") or {}
-    workers = int(model_config.get("minWorkers") or 0)
+def worker_layout(min_workers: int = 0, threads: int = 0) -> Layout:
+    """A CPU worker's layout: ``min_workers`` (else the server's ``SERVE_DEMO_WORKERS``, else the default
+    layout's) workers, each with ``threads`` (an archive's ``handler.threads``) or else its share of the CPUs."""
+    workers = min_workers
     if workers <= 0:
         raw = os.environ.get(WORKERS_ENV, "")
         workers = int(raw) if raw.isdigit() else 0
     layout = cpu_layout(workers=workers)
-    if int(handler.get("threads") or 0) > 0:
-        return Layout(layout.workers, int(handler["threads"]))
-    return layout
-
-
-def worker_threads(model_config: dict) -> int:
-    """A CPU worker's torch threads (:func:`worker_layout`)."""
-    return worker_layout(model_config).threads
+    return Layout(layout.workers, threads) if threads > 0 else layout

@@ -3,17 +3,17 @@
 :func:`open_archive` reads a ``.mar`` (or its unpacked folder): manifest, ``model-config.yaml``,
 label map. :func:`load_detector` builds the model it names and loads its weights. The
 TorchServe handler, the KServe server, the evaluator, the benchmark and the LitServe peer all
-load through :class:`serve_demo.core.worker.Detector`, which calls these.
+load through :class:`serve_demo.core.worker.Worker`, which calls these.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import traceback
@@ -28,7 +28,7 @@ from torch import nn
 from .config import LABEL_FILE, HandlerConfig
 from .models import build_model, load_state_dict_file, load_weights, task_of
 from .offline import Downloads, ModelFileError, intercept_downloads
-from .runtime import RUNTIME_DIR, RuntimeConfig, accelerate
+from .runtime import RUNTIME_DIR, accelerate
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,16 @@ class ArchiveFiles:
     manifest: dict
     config: dict = field(default_factory=dict)  # the whole model-config.yaml
     _tmp: tempfile.TemporaryDirectory | None = None  # set when a .mar was extracted
+
+    @functools.cached_property
+    def handler(self) -> HandlerConfig:
+        """The ``handler:`` section, parsed once for everything that serves this archive."""
+        return HandlerConfig.from_yaml(self.config.get("handler"))
+
+    @property
+    def min_workers(self) -> int:
+        """``minWorkers`` of ``model-config.yaml`` (0 when the server's layout decides)."""
+        return int(self.config.get("minWorkers") or 0)
 
     @property
     def name(self) -> str:
@@ -85,16 +95,6 @@ def open_archive(path: str | Path) -> ArchiveFiles:
     config_file = manifest.get("configFile")
     config = yaml.safe_load((root / config_file).read_text()) if config_file else {}
     return ArchiveFiles(root, manifest, config or {}, tmp)
-
-
-def unpack_archive(mar: str | Path, dest: str | Path) -> Path:
-    """Unpack ``mar`` into ``dest`` (replaced), the folder form a server can load directly."""
-    dest = Path(dest)
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    with zipfile.ZipFile(mar) as z:
-        z.extractall(dest)
-    return dest
 
 
 def read_label_map(path: str | Path) -> dict[int, str]:
@@ -267,7 +267,7 @@ def load_detector(model_dir: str | Path, weights: str | None, model_file: str | 
     model = model.to(device).eval()
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    runtime = RuntimeConfig.from_yaml(cfg.runtime)
+    runtime = cfg.runtime_config
     if runtime.accelerated:
         accelerate(model, model_dir / RUNTIME_DIR, runtime, torch.get_num_threads(), device, wide_threads)
     return model

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class ImageStats:
 
 @dataclass
 class BatchStats:
-    """A batch as the worker saw it (see :meth:`serve_demo.core.worker.Detector.handle`)."""
+    """A batch as the worker saw it (see :meth:`serve_demo.core.worker.Worker.handle`)."""
 
     requests: int = 0
     images: list[ImageStats] = field(default_factory=list)
@@ -152,75 +152,3 @@ def emit(stats: BatchStats, model: str, version: str, sink: Sink) -> None:
             sink(SPECS[name], (model, version, *dims), value)
     except Exception:  # noqa: BLE001 - observability must not break answers
         log.exception("metrics not emitted")
-
-
-class PerRequestLines(logging.Filter):
-    """Drops TorchServe's own per-request INFO line (``Backend received inference at: ...``, logged on
-    the root logger by ts.protocol): one line per request in model_log.log, nothing an operator reads.
-    The frontend's per-request lines are dropped by docker/log4j2.xml."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Backend received inference at")
-
-
-def quiet_per_request_lines() -> None:
-    """Installs :class:`PerRequestLines` on the root logger's handlers, once."""
-    for h in logging.getLogger().handlers:
-        if not any(isinstance(f, PerRequestLines) for f in h.filters):
-            h.addFilter(PerRequestLines())
-
-
-class TorchServeSink:
-    """Into TorchServe's metrics cache (``context.metrics``): the frontend serves them on :8082."""
-
-    def __init__(self, metrics: Any) -> None:
-        from ts.metrics.metric_type_enum import MetricTypes
-
-        self.metrics = metrics
-        self.types = {"counter": MetricTypes.COUNTER, "histogram": MetricTypes.HISTOGRAM}
-        self.cache: dict[str, Any] = {}
-
-    def __call__(self, spec: MetricSpec, dims: tuple[str, ...], value: float) -> None:
-        metric = self.cache.get(spec.name)
-        if metric is None:
-            try:  # declared in docker/metrics.yaml: TorchServe built it at worker start
-                metric = self.metrics.get_metric(spec.name, self.types[spec.kind])
-            except Exception:  # noqa: BLE001 - ts raises its own MetricsCacheKeyError: build it here
-                metric = self.metrics.add_metric_to_cache(spec.name, spec.unit, list(spec.dims),
-                                                          self.types[spec.kind])
-            self.cache[spec.name] = metric
-        metric.add_or_update(value, list(dims))
-
-
-_PROMETHEUS: dict[int, dict[str, Any]] = {}
-
-
-class PrometheusSink:
-    """Into ``prometheus_client`` (the KServe server's /metrics) with TorchServe's exposition: the same
-    names, labels (``Hostname`` added) and buckets. TorchServe 0.12's Java client writes counters
-    without the ``_total`` suffix that Python's ``Counter`` adds, so counters are kept as gauges that
-    only grow: ``rate()``/``increase()`` read both alike."""
-
-    def __init__(self, registry: Any = None) -> None:
-        import socket
-
-        import prometheus_client
-
-        self.registry = registry or prometheus_client.REGISTRY
-        # one set of collectors per registry, shared by every model of the process
-        self.made: dict[str, Any] = _PROMETHEUS.setdefault(id(self.registry), {})
-        self.client = prometheus_client
-        self.hostname = socket.gethostname()
-
-    def __call__(self, spec: MetricSpec, dims: tuple[str, ...], value: float) -> None:
-        metric = self.made.get(spec.name)
-        if metric is None:
-            labels = [*spec.dims, "Hostname"]
-            if spec.kind == "counter":
-                metric = self.client.Gauge(spec.name, spec.help, labels, registry=self.registry)
-            else:
-                metric = self.client.Histogram(spec.name, spec.help, labels, registry=self.registry,
-                                               buckets=DEFAULT_BUCKETS)
-            self.made[spec.name] = metric
-        child = metric.labels(*dims, self.hostname)
-        child.inc(value) if spec.kind == "counter" else child.observe(value)

@@ -157,37 +157,53 @@ def keypoint_names_for(count: int, configured: list | None) -> list[str]:
     return list(COCO_KEYPOINTS) if count == len(COCO_KEYPOINTS) else [f"kp_{i}" for i in range(count)]
 
 
+def select(output: dict[str, torch.Tensor], threshold: float) -> dict[str, torch.Tensor]:
+    """The detections scoring at least ``threshold``: the one place the score threshold is applied.
+
+    Every per-detection tensor (boxes, scores, labels, masks, keypoints, ...) keeps the same rows;
+    masks stay on their device.
+    """
+    keep = output["scores"] >= threshold
+    n = int(keep.shape[0])
+    return {k: v[keep.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+            for k, v in output.items()}
+
+
 def format_output(output: dict[str, torch.Tensor], req: Request, names: dict[int, str],
                   model_name: str, version: str, keypoint_names: list | None = None,
                   max_image_bytes: int = defaults.MAX_RESPONSE_SIZE) -> Any:
-    """One model output as the payload the request asked for.
+    """One raw model output as the payload the request asked for (:func:`select`, then :func:`format_kept`)."""
+    return format_kept(select(output, req.threshold), req, names, model_name, version, keypoint_names,
+                       max_image_bytes)
 
-    The detailed format carries masks (RLE, encoded only for the detections kept) and keypoints
-    when the model predicts them; the stock format is boxes only, as TorchServe's; the image
-    format is a :class:`~serve_demo.core.schema.ImageAnswer` drawn from the detailed one.
+
+def format_kept(kept: dict[str, torch.Tensor], req: Request, names: dict[int, str],
+                model_name: str, version: str, keypoint_names: list | None = None,
+                max_image_bytes: int = defaults.MAX_RESPONSE_SIZE) -> Any:
+    """The detections ``kept`` (:func:`select`) as the payload the request asked for.
+
+    The detailed format carries masks (RLE) and keypoints when the model predicts them; the stock
+    format is boxes only, as TorchServe's; the image format is a
+    :class:`~serve_demo.core.schema.ImageAnswer` drawn from the detailed one.
 
     Raises:
         RequestError: 413 when the drawn image is larger than ``max_image_bytes``.
     """
-    scores = output["scores"].tolist()
-    keep = [i for i, s in enumerate(scores) if s >= req.threshold]
-    dets = schema.make_detections(output["boxes"][keep].tolist(), [scores[i] for i in keep],
-                                  output["labels"][keep].tolist(), names, req.threshold)
+    dets = schema.make_detections(kept["boxes"].tolist(), kept["scores"].tolist(), kept["labels"].tolist(), names)
     if req.response_format not in ("detailed", defaults.IMAGE_FORMAT):
         return schema.stock_payload(dets)
     h, w = req.image.shape[-2:]
     kp_names = None
-    if "masks" in output:
-        rles = masks.encode_all(output["masks"][keep], req.mask_threshold)
+    if "masks" in kept:
+        rles = masks.encode_all(kept["masks"], req.mask_threshold)
         dets = [replace(d, mask=m) for d, m in zip(dets, rles)]
-    if "keypoints" in output:
-        kps = output["keypoints"][keep].clone()
+    if "keypoints" in kept:
+        kps = kept["keypoints"].clone()
         kps[..., 0].clamp_(0, w)
         kps[..., 1].clamp_(0, h)
-        kp_scores = output.get("keypoints_scores")
-        triplets = masks.keypoint_triplets(kps, kp_scores[keep] if kp_scores is not None else None)
+        triplets = masks.keypoint_triplets(kps, kept.get("keypoints_scores"))
         dets = [replace(d, keypoints=k) for d, k in zip(dets, triplets)]
-        kp_names = keypoint_names_for(int(output["keypoints"].shape[1]), keypoint_names)
+        kp_names = keypoint_names_for(int(kept["keypoints"].shape[1]), keypoint_names)
     if req.response_format == defaults.IMAGE_FORMAT:
         return render_image(req, dets, max_image_bytes)
     return schema.detailed_payload(dets, (w, h), model_name, version, kp_names)

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -30,13 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import PRECISIONS, RUNTIMES, RuntimeConfig  # noqa: F401 - the runtime names, re-exported
+
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("eager", "onnxruntime", "openvino")
-PRECISIONS = ("fp32", "bf16", "int8")  # bf16/int8: OpenVINO only, not bit-close: gated by mAP, not parity
 RUNTIME_DIR = "runtime"  # inside an archive
 MANIFEST = "runtime.json"
-OPSET = 17
 
 # The dense parts of the detector families this project serves, tried in this order; a model has
 # the ones whose attribute path exists. GeneralizedRCNN: backbone, RPN head, RoI heads' MLPs/convs.
@@ -51,42 +49,6 @@ PART_CANDIDATES = (
 
 class RuntimeUnavailable(RuntimeError):
     """The archive asks for a runtime this environment lacks or cannot run on its device."""
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """``handler.runtime`` of ``model-config.yaml``: which runtime runs the exported parts."""
-
-    name: str = "eager"
-    precision: str = "fp32"
-
-    @classmethod
-    def from_yaml(cls, section: dict | str | None) -> RuntimeConfig:
-        """From ``{"name": ..., "precision": ...}`` (or just the name), naming a bad value."""
-        if section is None:
-            return cls()
-        if isinstance(section, str):
-            section = {"name": section}
-        if not isinstance(section, dict) or set(section) - {"name", "precision"}:
-            raise ValueError("model-config.yaml handler.runtime must be {name: eager|onnxruntime|openvino, "
-                             "precision: fp32|bf16|int8}")
-        cfg = cls(**section)
-        if cfg.name not in RUNTIMES:
-            raise ValueError(f"model-config.yaml handler.runtime.name must be one of {RUNTIMES}, got {cfg.name!r}")
-        if cfg.precision not in PRECISIONS:
-            raise ValueError(f"model-config.yaml handler.runtime.precision must be one of {PRECISIONS}, "
-                             f"got {cfg.precision!r}")
-        if cfg.precision != "fp32" and cfg.name != "openvino":
-            raise ValueError(f"precision {cfg.precision} needs the openvino runtime (got {cfg.name})")
-        return cfg
-
-    @property
-    def accelerated(self) -> bool:
-        return self.name != "eager"
-
-    @property
-    def label(self) -> str:
-        return self.name if self.precision == "fp32" else f"{self.name}-{self.precision}"
 
 
 @dataclass
@@ -364,156 +326,3 @@ def accelerate(model: nn.Module, folder: Path, runtime: RuntimeConfig, threads: 
                     "; ".join(f"{p.path}: {p.eager_reason}" for p in manifest.eager))
     log.info("runtime %s: %s run in %s", runtime.label, [p.path for p in manifest.exported], runtime.name)
     return manifest
-
-
-# --- export (archive time) ---------------------------------------------------------------------
-
-class _Flat(nn.Module):
-    """A part with flat tensor inputs and a tuple of tensors out, as ONNX export wants it."""
-
-    def __init__(self, part: nn.Module, in_spec: Any) -> None:
-        super().__init__()
-        self.part, self.in_spec = part, in_spec
-
-    def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        args = unflatten(iter(flat), self.in_spec)
-        return tuple(flatten(self.part(*args))[0])
-
-
-def capture_inputs(model: nn.Module, paths: list[str], images: list[torch.Tensor]) -> dict[str, list[tuple]]:
-    """Each part's positional arguments, per forward pass of ``model`` over each image (float 0-1)."""
-    seen: dict[str, list[tuple]] = {p: [] for p in paths}
-    hooks = []
-    for p in paths:
-        def hook(_mod: nn.Module, args: tuple, p: str = p) -> None:
-            seen[p].append(tuple(_detach(a) for a in args))
-        hooks.append(submodule(model, p).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for img in images:
-                model([img])
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
-def _detach(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return OrderedDict((k, _detach(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_detach(v) for v in obj)
-    return obj
-
-
-def _dynamic_dims(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[list[int]]:
-    """Per flat input: dim 0 (batch, or the number of boxes) and every dim whose size differs."""
-    return [sorted({0} | {d for d in range(x.dim()) if x.shape[d] != y.shape[d]}) for x, y in zip(a, b)]
-
-
-def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
-    """Largest absolute difference, and the largest magnitude it is measured against."""
-    diff = max((float((x.float() - y.float()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
-    scale = max((float(x.float().abs().max()) for x in a if x.numel()), default=0.0)
-    return diff, scale
-
-
-def export_parts(model: nn.Module, images: list[torch.Tensor], folder: Path, runtime: RuntimeConfig,
-                 threads: int = 1, calibration: list[torch.Tensor] | None = None) -> RuntimeManifest:
-    """Export each dense part of ``model`` (eager, eval, CPU) to ``folder`` for ``runtime``.
-
-    ``images`` (at least two, of different sizes) drive the export and its check: the graph traced on
-    the first must match eager on the second (relative difference 1e-3), else the part stays eager
-    with the reason recorded. ``calibration``: images for int8 post-training quantization (NNCF).
-    """
-    if len(images) < 2:
-        raise ValueError("export needs two sample images of different sizes")
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = dense_parts(model)
-    if not paths:
-        raise ValueError(f"{type(model).__name__} has none of the dense parts this exporter knows "
-                         f"({', '.join(PART_CANDIDATES)}): archive it with RUNTIME=eager")
-    captured = capture_inputs(model, paths, images[:2])
-    calib = capture_inputs(model, paths, calibration) if runtime.precision == "int8" and calibration else {}
-    records = []
-    for path in paths:
-        rec = PartRecord(path)
-        records.append(rec)
-        calls = captured[path]
-        if len(calls) < 2:
-            rec.eager_reason = "not called on the sample images"
-            continue
-        first, _ = flatten(calls[0])
-        second, in_spec = flatten(calls[-1])
-        if not first or any(t.numel() == 0 for t in first + second):
-            rec.eager_reason = "its sample inputs were empty (no boxes reached it): give more validation images"
-            continue
-        part = submodule(model, path)
-        with torch.no_grad():
-            ref_first, out_spec = flatten(part(*calls[0]))
-            ref_second, _ = flatten(part(*calls[-1]))
-        rec.in_spec, rec.out_spec = in_spec, out_spec
-        rec.dynamic = _dynamic_dims(first, second)
-        file = f"{path.replace('.', '_')}.onnx"
-        try:
-            _export_onnx(_Flat(part, in_spec).eval(), first, len(ref_first), rec.dynamic, folder / file)
-        except Exception as exc:  # noqa: BLE001 - any exporter failure keeps the part eager, recorded
-            rec.eager_reason = f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            continue
-        if runtime.precision == "int8":
-            try:
-                file = _quantize_int8(folder / file, calib.get(path, []), folder)
-            except Exception as exc:  # noqa: BLE001
-                rec.eager_reason = f"int8 quantization failed: {type(exc).__name__}: {str(exc)[:200]}"
-                continue
-        session = open_session(folder / file, runtime, threads, torch.device("cpu"))
-        got = session.run(second)
-        if len(got) != len(ref_second) or any(g.shape != r.shape for g, r in zip(got, ref_second)):
-            rec.eager_reason = ("the exported graph kept a shape of the first sample (it answered "
-                                f"{[tuple(g.shape) for g in got]} for {[tuple(r.shape) for r in ref_second]})")
-            continue
-        diff, scale = _max_diff(ref_second, got)
-        rec.max_abs_diff = diff
-        if runtime.precision == "fp32" and diff > 1e-3 * max(1.0, scale):
-            rec.eager_reason = f"the exported graph differs from eager by {diff:.3g} (scale {scale:.3g})"
-            continue
-        rec.file = file
-    manifest = RuntimeManifest(runtime.name, runtime.precision, records)
-    for p in folder.iterdir():  # keep only the files the manifest names (an .onnx quantized to IR goes)
-        if p.is_file() and not any(rec.file and p.name in (rec.file, rec.file[:-4] + ".bin") for rec in records):
-            p.unlink()
-    manifest.write(folder)
-    if not manifest.exported:
-        raise ValueError(f"no dense part of {type(model).__name__} could run in {runtime.label}: "
-                         + "; ".join(f"{r.path}: {r.eager_reason}" for r in records))
-    return manifest
-
-
-def _export_onnx(module: nn.Module, inputs: list[torch.Tensor], n_out: int, dynamic: list[list[int]],
-                 path: Path) -> None:
-    names = [f"in{i}" for i in range(len(inputs))]
-    axes = {n: {d: f"{n}_d{d}" for d in dims} for n, dims in zip(names, dynamic)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, tuple(inputs), str(path), dynamo=False, input_names=names,
-                          output_names=[f"out{i}" for i in range(n_out)], dynamic_axes=axes, opset_version=OPSET,
-                          do_constant_folding=True)
-
-
-def _quantize_int8(onnx_path: Path, calls: list[tuple], folder: Path) -> str:
-    """Post-training int8 quantization of one part with NNCF (OpenVINO IR out); its IR file name."""
-    try:
-        import nncf
-        import openvino as ov
-    except ImportError:
-        raise RuntimeUnavailable("int8 needs NNCF and OpenVINO: pip install nncf openvino") from None
-    if not calls:
-        raise ValueError("no calibration inputs reached this part")
-    data = [[t.numpy() for t in flatten(c)[0]] for c in calls]
-    model = ov.Core().read_model(str(onnx_path))
-    quantized = nncf.quantize(model, nncf.Dataset(data), subset_size=len(data))
-    xml = onnx_path.with_suffix(".xml")
-    ov.save_model(quantized, str(xml), compress_to_fp16=False)
-    return xml.name

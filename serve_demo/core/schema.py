@@ -58,15 +58,14 @@ class Detection:
 
 
 def make_detections(boxes: Sequence[Sequence[float]], scores: Sequence[float],
-                    labels: Sequence[int], names: dict[int, str], threshold: float) -> list[Detection]:
-    """Detections scoring at least ``threshold``, labels named through ``names``.
+                    labels: Sequence[int], names: dict[int, str]) -> list[Detection]:
+    """Detections, labels named through ``names`` (the threshold is already applied:
+    :func:`serve_demo.core.pipeline.select`).
 
     An id missing from ``names`` is reported by its number (never an error).
     """
     out = []
     for box, score, lab in zip(boxes, scores, labels):
-        if score < threshold:
-            continue
         lab = int(lab)
         out.append(Detection(names.get(lab, str(lab)), lab, round(float(score), SCORE_DECIMALS),
                              tuple(round(float(v), BOX_DECIMALS) for v in box)))

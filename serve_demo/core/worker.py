@@ -1,9 +1,20 @@
 """The server-agnostic worker: one loaded archive answering batches of requests.
 
-Every server and tool goes through :class:`Detector`: the TorchServe handler
+Every server and tool goes through :class:`Worker`: the TorchServe handler
 (``handlers/detector_handler.py``), the KServe ``ModelServer`` (``serve_demo.serve.kserve_server``),
-the evaluator and the benchmark in-process, and the LitServe peer. So they decode, run and
-answer alike, and a request that is bad on one is bad, with the same code, on the others.
+the LitServe peer, and the benchmark in-process. So they decode, run and answer alike, and a
+request that is bad on one is bad, with the same code, on the others.
+
+A batch goes through four stages, each a method a subclass may override (as TorchServe's
+``BaseHandler`` offers ``preprocess / inference / postprocess``)::
+
+    decode(rows, headers) -> [Parsed | Answer]   one request each; a bad one is already its 4xx Answer
+    infer(images)         -> [raw output]        every good image of the batch at once (a list)
+    encode(parsed, outs)  -> Answer              threshold (pipeline.select), format, envelope, size limit
+    observe(out, kept, r)                        metrics, drift statistics, capture of uncertain images
+
+:meth:`Worker.handle` runs them for a server; :meth:`Worker.predict` runs the same ``decode``,
+``infer`` and formatting for one image offline.
 """
 
 from __future__ import annotations
@@ -20,14 +31,14 @@ from typing import Any
 import torch
 
 from . import observe, schema
-from .capture import CaptureConfig, Capturer
-from .config import LABEL_FILE, HandlerConfig
+from .capture import Capturer
+from .config import LABEL_FILE
 from .envelopes import Parsed, error_answer, is_enveloped, parse_row, wrap
-from .imaging import RequestError, decode_image
+from .imaging import RequestError
 from .layout import worker_layout
 from .loader import ArchiveFiles, configure_threads, load_detector, open_archive, read_label_map
-from .pipeline import Request, format_output, run_detector
-from .runtime import Occupancy, RuntimeConfig, thread_choice
+from .pipeline import Request, format_kept, parse_request, run_detector, select
+from .runtime import Occupancy, thread_choice
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
@@ -51,18 +62,8 @@ class Answer:
         return self.payload.data if isinstance(self.payload, schema.ImageAnswer) else schema.dumps(self.payload)
 
 
-@dataclass
-class Timing:
-    """Milliseconds spent on the last batch, by stage."""
-
-    decode_ms: float = 0.0
-    model_ms: float = 0.0
-    encode_ms: float = 0.0
-    images: int = 0
-
-
-class Detector:
-    """An archive's detector with its label map and handler config, ready to answer.
+class Worker:
+    """An archive's detector with its label map and handler config, answering requests.
 
     Args:
         files: the archive on disk (:func:`serve_demo.core.loader.open_archive`).
@@ -78,14 +79,14 @@ class Detector:
                  threads: int | None = None, runtime_threads: int | None = None) -> None:
         self.files = files
         self.device = torch.device(device)
-        self.cfg = HandlerConfig.from_yaml(files.config.get("handler"))
-        self.runtime = RuntimeConfig.from_yaml(self.cfg.runtime)
+        self.cfg = files.handler
+        self.runtime = self.cfg.runtime_config
         if self.runtime.name == "openvino" and self.device.type != "cpu":
             log.warning("this archive runs in OpenVINO, on the CPU: %s is not used (archive RUNTIME=eager or "
                         "onnxruntime for the GPU)", self.device)
             self.device = torch.device("cpu")
         if threads is None:  # a server's worker: the archive's threads, or the machine's layout
-            layout = worker_layout(files.config)
+            layout = worker_layout(files.min_workers, self.cfg.threads)
             threads = layout.threads if self.device.type == "cpu" else self.cfg.threads
             if self.device.type == "cpu" and not self.cfg.threads and not runtime_threads:
                 runtime_threads = layout.runtime_threads
@@ -107,10 +108,10 @@ class Detector:
         self.choice = thread_choice(self.model)  # wide runtime sessions: used when no other worker is busy
         self.occupancy = Occupancy(Path(tempfile.gettempdir()) / f"serve_demo-busy-{self.name}-{self.version}") \
             if self.choice else None
-        self.timing = Timing()
         self.stats = observe.BatchStats()
-        self.sink: observe.Sink | None = None  # the server's metrics (observe.TorchServeSink, PrometheusSink)
-        capture = CaptureConfig.from_yaml(self.cfg.capture)
+        # the server's metrics: the handler's TorchServeSink, the KServe server's PrometheusSink
+        self.sink: observe.Sink | None = None
+        capture = self.cfg.capture_config
         self.capturer = Capturer(capture, self.name, self.version, self.names) if capture.enabled else None
         threads_note = f"{torch.get_num_threads()} threads" + (
             f", runtime {self.runtime_threads} threads when alone" if self.choice else "")
@@ -128,58 +129,65 @@ class Detector:
 
     @classmethod
     def from_archive(cls, path: str | Path, device: torch.device | str = "cpu", threads: int = 0,
-                     runtime_threads: int | None = None) -> Detector:
+                     runtime_threads: int | None = None) -> Worker:
         """Load a ``.mar`` file or its unpacked folder (``threads`` 0 leaves torch's setting alone;
         ``runtime_threads``: an accelerated runtime's, default torch's)."""
         return cls(open_archive(path), device, threads, runtime_threads)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, manifest: dict, config: dict | None,
-                       device: torch.device | str = "cpu") -> Detector:
+                       device: torch.device | str = "cpu") -> Worker:
         """Load from a folder a server already unpacked (TorchServe's ``model_dir``)."""
         return cls(ArchiveFiles(Path(model_dir), manifest, config or {}), device)
+
+    # ------------------------------------------------------------------------------------- stages
 
     def parse(self, row: dict, headers: dict) -> Parsed:
         """Decode one request (any protocol), raising :class:`RequestError` for a client mistake."""
         return parse_row(row, headers, self.cfg, self.device)
 
-    def answer(self, parsed: list[Parsed]) -> list[Answer]:
-        """Run every image of the parsed requests through the model at once; one answer each (a
-        request whose answer cannot be made, such as a drawn image over the size limit, gets its 4xx)."""
-        images = [r.image for p in parsed for r in p.requests]
+    def decode(self, rows: list[dict], headers: list[dict]) -> list[Parsed | Answer]:
+        """Stage 1: each request decoded on its own; a bad one becomes its own 4xx :class:`Answer`."""
+        out: list[Parsed | Answer] = []
+        for i, (row, hdrs) in enumerate(zip(rows, headers)):
+            try:
+                out.append(self.parse(row, hdrs))
+            except RequestError as err:
+                out.append(Answer(err.code, error_answer(err, is_enveloped(row, hdrs)), err.kind))
+                self.stats.refused.append(err.kind)
+                log.info("request %d refused: %d %s: %s", i, err.code, err.kind, err.message)
+        return out
+
+    def infer(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Stage 2: the model on every image at once (mixed sizes: a list, never stacked); raw outputs."""
         if not images:
             return []
-        t0 = time.perf_counter()
-        outputs = iter(run_detector(self.model, images, self.device, self.cfg.fp16, self.cfg.pin_memory))
-        t1 = time.perf_counter()
-        answers = []
-        for p in parsed:
-            outs = [next(outputs) for _ in p.requests]  # consumed whatever happens to this request
-            try:
-                payloads = [self.format(o, r) for o, r in zip(outs, p.requests)]
-                self.check_envelope_size(p, payloads)
-                answers.append(Answer(200, wrap(p, payloads, self.name, self.version)))
-                for o, r in zip(outs, p.requests):
-                    self.observe(o, r)
-            except RequestError as err:
-                answers.append(Answer(err.code, error_answer(err, p.protocol != "plain"), err.kind))
-                self.stats.refused.append(err.kind)
-        t2 = time.perf_counter()
-        self.timing.model_ms += (t1 - t0) * 1000
-        self.timing.encode_ms += (t2 - t1) * 1000
-        self.timing.images += len(images)
-        self.stats.model_s += t1 - t0
-        self.stats.encode_s += t2 - t1
-        return answers
+        return run_detector(self.model, images, self.device, self.cfg.fp16, self.cfg.pin_memory)
 
-    def observe(self, output: dict[str, torch.Tensor], req: Request) -> None:
-        """Record what one answered image looked like and got (metrics, drift), and offer it to capture."""
-        keep = output["scores"] >= req.threshold
-        labels = [self.names.get(int(c), str(int(c))) for c in output["labels"][keep].tolist()]
+    def encode(self, parsed: Parsed, outputs: list[dict[str, torch.Tensor]]) -> Answer:
+        """Stage 3: one request's answer from its images' raw outputs: the threshold applied once
+        (:func:`~serve_demo.core.pipeline.select`), each image formatted, wrapped in the request's
+        protocol; then :meth:`observe`. A request whose answer cannot be made (a drawn image over the
+        size limit) gets its 4xx."""
+        kept = [select(o, r.threshold) for o, r in zip(outputs, parsed.requests)]
+        try:
+            payloads = [self.format_kept(k, r) for k, r in zip(kept, parsed.requests)]
+            self.check_envelope_size(parsed, payloads)
+        except RequestError as err:
+            self.stats.refused.append(err.kind)
+            return Answer(err.code, error_answer(err, parsed.protocol != "plain"), err.kind)
+        for o, k, r in zip(outputs, kept, parsed.requests):
+            self.observe(o, k, r)
+        return Answer(200, wrap(parsed, payloads, self.name, self.version))
+
+    def observe(self, output: dict[str, torch.Tensor], kept: dict[str, torch.Tensor], req: Request) -> None:
+        """Stage 4: record what one answered image looked like and got (metrics, drift), and offer its
+        raw ``output`` to capture (uncertainty reads the scores below the threshold too)."""
+        labels = [self.names.get(int(c), str(int(c))) for c in kept["labels"].tolist()]
         h, w = req.image.shape[-2:]
         brightness = float(req.image.mean(dtype=torch.float32)) / 255.0
         self.stats.images.append(observe.ImageStats(int(w), int(h), brightness, labels,
-                                                    [round(float(s), 4) for s in output["scores"][keep].tolist()]))
+                                                    [round(float(s), 4) for s in kept["scores"].tolist()]))
         if self.capturer is not None:
             try:
                 outcome = self.capturer.offer(req.image, output, req.threshold)
@@ -190,6 +198,11 @@ class Detector:
                 self.stats.capture_saved += 1
             elif outcome:
                 self.stats.capture_dropped[outcome] = self.stats.capture_dropped.get(outcome, 0) + 1
+
+    def format_kept(self, kept: dict[str, torch.Tensor], req: Request) -> Any:
+        """One image's kept detections as the payload ``req`` asked for."""
+        return format_kept(kept, req, self.names, self.name, self.version, self.cfg.keypoint_names,
+                           self.cfg.max_response_bytes)
 
     def check_envelope_size(self, parsed: Parsed, payloads: list[Any]) -> None:
         """Drawn images inside a JSON envelope travel as base64 (4/3 larger): refuse past the limit.
@@ -205,57 +218,46 @@ class Detector:
                                f"{len(payloads)} drawn images make about {size} bytes of base64, over the "
                                f"{self.cfg.max_response_bytes}-byte response limit: send fewer images per request")
 
-    def format(self, output: dict[str, torch.Tensor], req: Request) -> Any:
-        """One model output as the payload ``req`` asked for."""
-        return format_output(output, req, self.names, self.name, self.version, self.cfg.keypoint_names,
-                             self.cfg.max_response_bytes)
+    # ------------------------------------------------------------------------------ whole requests
 
     def handle(self, rows: list[dict], headers: list[dict]) -> list[Answer]:
         """A batch of requests in, one :class:`Answer` per request out (bad ones get their own 4xx).
 
-        Every good image of the batch goes through the model at once; mixed sizes are fine
-        (a list, never stacked). The whole batch (decode, model, answers) is marked busy for the
-        other workers (:class:`serve_demo.core.runtime.Occupancy`).
+        ``decode`` each, ``infer`` every good image at once, ``encode`` each request. The whole batch
+        is marked busy for the other workers (:class:`serve_demo.core.runtime.Occupancy`).
         """
         with self._inside():
-            return self._handle(rows, headers)
-
-    def _handle(self, rows: list[dict], headers: list[dict]) -> list[Answer]:
-        self.timing = Timing()
-        self.stats = observe.BatchStats(requests=len(rows))
-        t0 = time.perf_counter()
-        answers: list[Answer | None] = [None] * len(rows)
-        good, parsed = [], []
-        for i, (row, hdrs) in enumerate(zip(rows, headers)):
-            try:
-                parsed.append(self.parse(row, hdrs))
-                good.append(i)
-            except RequestError as err:
-                answers[i] = Answer(err.code, error_answer(err, is_enveloped(row, hdrs)), err.kind)
-                self.stats.refused.append(err.kind)
-                log.info("request %d refused: %d %s: %s", i, err.code, err.kind, err.message)
-        self.timing.decode_ms = (time.perf_counter() - t0) * 1000
-        self.stats.decode_s = self.timing.decode_ms / 1000
-        if len(rows) > 1:
-            log.info("batch of %d requests (%d refused)", len(rows), len(rows) - len(parsed))
-        for i, answer in zip(good, self.answer(parsed)):
-            answers[i] = answer
-        if self.sink is not None:
-            observe.emit(self.stats, self.name, self.version, self.sink)
-        return answers  # type: ignore[return-value]
+            self.stats = observe.BatchStats(requests=len(rows))
+            t0 = time.perf_counter()
+            decoded = self.decode(rows, headers)
+            parsed = [d for d in decoded if isinstance(d, Parsed)]
+            t1 = time.perf_counter()
+            if len(rows) > 1:
+                log.info("batch of %d requests (%d refused)", len(rows), len(rows) - len(parsed))
+            outputs = iter(self.infer([r.image for p in parsed for r in p.requests]))
+            t2 = time.perf_counter()
+            answers = [d if isinstance(d, Answer) else self.encode(d, [next(outputs) for _ in d.requests])
+                       for d in decoded]
+            self.stats.decode_s, self.stats.model_s = t1 - t0, t2 - t1
+            self.stats.encode_s = time.perf_counter() - t2
+            if self.sink is not None:
+                observe.emit(self.stats, self.name, self.version, self.sink)
+            return answers
 
     def predict(self, data: bytes, threshold: float | None = None, response_format: str = "detailed") -> Any:
-        """The payload for one encoded image (detailed by default), computed like the served path.
+        """The payload for one encoded image (detailed by default): the served path's ``decode``,
+        ``infer`` and formatting (the archive's fp16, pinned memory, GPU decode), without metrics.
 
         Raises:
-            RequestError: the bytes are not an image this server decodes.
+            RequestError: the bytes are not an image this server decodes, or a bad option.
         """
+        headers = {"X-Response-Format": response_format}
+        if threshold is not None:
+            headers["X-Threshold"] = str(threshold)
         with self._inside():
-            req = Request(decode_image(data, self.cfg.max_image_pixels),
-                          self.cfg.threshold if threshold is None else threshold, response_format,
-                          self.cfg.mask_threshold)
-            out = run_detector(self.model, [req.image], self.device)[0]
-            return self.format(out, req)
+            req = parse_request({"body": data}, headers, self.cfg, self.device)
+            output = self.infer([req.image])[0]
+            return self.format_kept(select(output, req.threshold), req)
 
     def _inside(self) -> contextlib.AbstractContextManager:
         """The request's occupancy mark (picks the runtime's wide sessions when no other worker is busy)."""

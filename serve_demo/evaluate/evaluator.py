@@ -301,9 +301,9 @@ def evaluate(dataset: str | Path, split: str = "test", *, model: str = defaults.
     if offline:
         archive = Path(offline)
         with contextlib.redirect_stdout(io.StringIO()):
-            from serve_demo.core.worker import Detector
+            from serve_demo.core.worker import Worker
 
-            local = Detector.from_archive(archive)
+            local = Worker.from_archive(archive)
         name, version = local.name, local.version
     else:
         name = model

@@ -3,7 +3,7 @@
     python -m serve_demo.serve.kserve_server --archive model-store/shapes-1.0.mar \\
         --http_port 8080 --grpc_port 7070
 
-It loads the ``.mar`` (or its unpacked folder) with :class:`serve_demo.core.worker.Detector`, the
+It loads the ``.mar`` (or its unpacked folder) with :class:`serve_demo.core.worker.Worker`, the
 class the TorchServe handler uses, and answers:
 
 * KServe v1 ``POST /v1/models/NAME:predict`` (``{"instances": [...]}``, or an image as the body);
@@ -36,8 +36,43 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from serve_demo.core import defaults
+from serve_demo.core.observe import DEFAULT_BUCKETS, MetricSpec
 
 log = logging.getLogger(__name__)
+
+
+_PROMETHEUS: dict[int, dict[str, Any]] = {}
+
+
+class PrometheusSink:
+    """Into ``prometheus_client`` (the KServe server's /metrics) with TorchServe's exposition: the same
+    names, labels (``Hostname`` added) and buckets. TorchServe 0.12's Java client writes counters
+    without the ``_total`` suffix that Python's ``Counter`` adds, so counters are kept as gauges that
+    only grow: ``rate()``/``increase()`` read both alike."""
+
+    def __init__(self, registry: Any = None) -> None:
+        import socket
+
+        import prometheus_client
+
+        self.registry = registry or prometheus_client.REGISTRY
+        # one set of collectors per registry, shared by every model of the process
+        self.made: dict[str, Any] = _PROMETHEUS.setdefault(id(self.registry), {})
+        self.client = prometheus_client
+        self.hostname = socket.gethostname()
+
+    def __call__(self, spec: MetricSpec, dims: tuple[str, ...], value: float) -> None:
+        metric = self.made.get(spec.name)
+        if metric is None:
+            labels = [*spec.dims, "Hostname"]
+            if spec.kind == "counter":
+                metric = self.client.Gauge(spec.name, spec.help, labels, registry=self.registry)
+            else:
+                metric = self.client.Histogram(spec.name, spec.help, labels, registry=self.registry,
+                                               buckets=DEFAULT_BUCKETS)
+            self.made[spec.name] = metric
+        child = metric.labels(*dims, self.hostname)
+        child.inc(value) if spec.kind == "counter" else child.observe(value)
 
 
 @dataclass
@@ -101,9 +136,8 @@ def build_model_class():
     from serve_demo.core.envelopes import OUTPUT_NAME
     from serve_demo.core.layout import available_cpus
     from serve_demo.core.loader import open_archive
-    from serve_demo.core.observe import PrometheusSink
     from serve_demo.core.schema import ImageAnswer
-    from serve_demo.core.worker import Detector
+    from serve_demo.core.worker import Worker
 
     class RequestRefused(InvalidInput):
         """A client mistake with the HTTP status TorchServe answers (gRPC: INVALID_ARGUMENT)."""
@@ -119,8 +153,8 @@ def build_model_class():
             self.files, self.device = open_archive(archive), device
             # one process serves every request here: the archive's threads, else every CPU
             self.threads = threads if threads is not None else (
-                int((self.files.config.get("handler") or {}).get("threads") or 0) or available_cpus())
-            self.detector: Detector | None = None
+                self.files.handler.threads or available_cpus())
+            self.detector: Worker | None = None
             super().__init__(self.files.name)
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detector")
             self._queue: asyncio.Queue | None = None
@@ -130,7 +164,7 @@ def build_model_class():
             """Load the archive once; ``ready`` turns True (the v2 ready endpoints read it)."""
             # built in the thread that will run it: torch's thread settings and OpenMP pool are per
             # thread, and a model built in one thread and run in another answered 1.7x slower here
-            self.detector = self._pool.submit(Detector, self.files, self.device, self.threads).result()
+            self.detector = self._pool.submit(Worker, self.files, self.device, self.threads).result()
             self.detector.attach_metrics(PrometheusSink())  # the same names as TorchServe's :8082, on /metrics
             config = self.detector.files.config
             self.version = self.detector.version

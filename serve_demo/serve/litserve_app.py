@@ -3,7 +3,7 @@
     python -m serve_demo.serve.litserve_app --mar model-store/shapes-1.0.mar --port 8000
 
 Same archive, same decoding, same model code and response format as the TorchServe handler
-(through :class:`serve_demo.core.worker.Detector`); the image arrives as multipart field
+(through :class:`serve_demo.core.worker.Worker`); the image arrives as multipart field
 ``data`` on ``POST /predict``.
 """
 
@@ -27,10 +27,10 @@ class DetectorAPI(ls.LitAPI):
     def setup(self, device) -> None:
         import torch
 
-        from serve_demo.core.worker import Detector
+        from serve_demo.core.worker import Worker
 
         torch.set_num_threads(self.threads)
-        self.model = Detector.from_archive(self.mar)
+        self.model = Worker.from_archive(self.mar)
 
     def decode_request(self, request):
         return request["data"].file.read()

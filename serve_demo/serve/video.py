@@ -44,7 +44,6 @@ class VideoSpec:
     every: int = 1  # send every k-th frame; the others show the latest detections
     inflight: int = 4  # requests in flight
     max_frames: int | None = None
-    jpeg_quality: int = 90
 
     @property
     def jsonl(self) -> Path:
