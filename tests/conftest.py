@@ -234,22 +234,18 @@ def post(ts: TorchServe | KServeServer, model: str, data: bytes, headers: dict |
     return requests.post(f"{ts.inference_url}/predictions/{model}", data=data, headers=headers, timeout=120, **kw)
 
 
-# Test layers (make test-unit runs the first): a test's layer follows from what it needs.
-SERVER_FIXTURES = {"server", "kserve", "target", "served_container", "engine", "image",
-                   "family_server", "mask_server", "ts", "small_store", "mon", "rt_server"}
-INTEGRATION_FIXTURES = {"model_store", "fixed_weights", "pets_mar", "test_split", "model_dir", "handler",
-                        "context", "mask_split", "lightning_ckpt", "parity_data", "runtime_store"}
-INTEGRATION_MODULES = {"test_train", "test_archive", "test_docker", "test_gpu_options", "test_families"}
+# Test layers (make test-unit runs the first), declared on each test or file, never guessed:
+# unit: pure logic, no archive, server or training; integration: builds archives, trains, or runs
+# the handler in-process; server: talks to a real TorchServe, KServe server or container.
+LAYERS = ("unit", "integration", "server")
 
 
 def pytest_collection_modifyitems(items) -> None:
+    undeclared = []
     for item in items:
-        names = set(item.fixturenames)
-        if names & SERVER_FIXTURES or item.get_closest_marker("server"):
-            layer = "server"
-        elif (names & INTEGRATION_FIXTURES or item.get_closest_marker("integration")
-              or item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES):
-            layer = "integration"
-        else:
-            layer = "unit"
-        item.add_marker(layer)
+        declared = {m.name for m in item.iter_markers() if m.name in LAYERS}
+        if len(declared) != 1:
+            undeclared.append(f"{item.nodeid}: {sorted(declared) or 'none'}")
+    if undeclared:
+        raise pytest.UsageError("every test declares exactly one layer (@pytest.mark.unit / integration / server, "
+                                "or a file's pytestmark):\n  " + "\n  ".join(undeclared))

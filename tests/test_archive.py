@@ -12,6 +12,8 @@ from serve_demo.archive.builder import ArchiveError, build
 from serve_demo.core.models import build_model
 from tests.conftest import ASSETS, archive_args
 
+pytestmark = pytest.mark.integration  # this file's layer (conftest.py: every test declares one)
+
 
 @pytest.fixture
 def dirs(tmp_path):

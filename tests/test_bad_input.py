@@ -20,6 +20,8 @@ from PIL import Image
 
 from tests.conftest import encode, synth_image, workers
 
+pytestmark = pytest.mark.server  # this file's layer (conftest.py: every test declares one)
+
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

@@ -75,6 +75,7 @@ def make(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 # ------------------------------------------------------------------------------------------- units
 
 
+@pytest.mark.unit
 def test_the_official_images_torchserve_command_lines_are_read():
     cmd = TorchServeCommand.parse(["--start", "--ncs", "--model-store", "model-store",
                                    "--models", "shapes=shapes-1.0.mar", "pets.mar,fixed=fixed-1.0.mar"])
@@ -89,6 +90,7 @@ def test_the_official_images_torchserve_command_lines_are_read():
     assert command_line(["torchserve", "--start"]) == (["torchserve", "--start"], ["torchserve", "--start"])
 
 
+@pytest.mark.unit
 def test_the_health_rule_drops_versions_the_registry_no_longer_records(tmp_path):
     sys.path.insert(0, str(ROOT / "docker"))
     try:
@@ -127,6 +129,7 @@ def test_building_the_tutorial_model_downloads_nothing_and_records_the_line():
 # ------------------------------------------------------------------------------- archive (make)
 
 
+@pytest.mark.integration
 def test_make_archive_of_the_tutorial_model_builds_offline_and_serves(tutorial_files, tmp_path):
     """`make archive MODEL_FILE=model.py WEIGHTS=model.pt LABELS=index_to_name.json`: R50-FPN at its real size."""
     store = tmp_path / "store"
@@ -154,6 +157,7 @@ def test_make_archive_of_the_tutorial_model_builds_offline_and_serves(tutorial_f
         assert "URLError" not in log and "skipped" in log  # the worker built it offline as well
 
 
+@pytest.mark.integration
 def test_a_state_dict_missing_what_the_download_fills_is_refused_by_name(tutorial_files, tmp_path):
     t = tutorial_files
     state = torch.load(t["weights"], weights_only=True)
@@ -169,13 +173,13 @@ def test_a_state_dict_missing_what_the_download_fills_is_refused_by_name(tutoria
     assert not (tmp_path / "store" / "tutorial-1.0.mar").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("source, expected", [
     ("import torch\nclass M(torch.nn.Module)\n    pass\n", "bad.py:2: SyntaxError"),
     ("import torch\nclass M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
      "        self.backbone = build_backbone()\n", "bad.py:5: NameError: name 'build_backbone' is not defined"),
     ("import torch\nimport not_installed_pkg\n", "bad.py:2: ModuleNotFoundError: No module named 'not_installed_pkg'"),
 ])
-@pytest.mark.integration
 def test_mistakes_in_a_model_file_name_the_line_without_a_traceback(tmp_path, source, expected):
     bad = tmp_path / "bad.py"
     bad.write_text(source)
@@ -223,6 +227,7 @@ def program_store(tmp_path_factory) -> Path:
     return store
 
 
+@pytest.mark.integration
 def test_programs_that_would_answer_differently_are_refused_with_the_reason(tmp_path, test_split):
     from serve_demo.core.models import build_model
 
@@ -249,6 +254,7 @@ def test_programs_that_would_answer_differently_are_refused_with_the_reason(tmp_
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store").glob("*.mar"))
 
 
+@pytest.mark.integration
 def test_scripted_and_exported_detectors_serve_the_eager_answers(program_store, tmp_path):
     """Served side by side: the scripted SSDlite answers like its eager archive, the exported fixed
     detector like the fixed detector's known boxes."""
@@ -291,6 +297,7 @@ def stock_archive(out_dir: Path, name: str, version: str, work: Path) -> Path:
     return out_dir / f"{name}.mar"
 
 
+@pytest.mark.integration
 def test_a_stock_handler_archive_is_served_and_taken_into_the_version_life_cycle(tmp_path, test_split, capsys,
                                                                                  monkeypatch):
     monkeypatch.chdir(tmp_path)  # reports/ goes here
@@ -339,6 +346,7 @@ def test_a_stock_handler_archive_is_served_and_taken_into_the_version_life_cycle
 # ------------------------------------------------------------------ the entry point, on the host
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode", ["--start", "--foreground"])
 def test_the_entry_point_runs_a_users_torchserve_and_stops_it_on_sigterm(tmp_path, model_store, mode):
     """`IMAGE torchserve --start|--foreground ...` as the entry point runs it (here with a temporary home

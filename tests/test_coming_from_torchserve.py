@@ -27,6 +27,8 @@ from serve_demo.serve.process import free_ports
 from tests.conftest import DEMO_LABELS, DEMO_WEIGHTS, ROOT, archive_args, container_dir, encode, synth_image
 from tests.test_bring_your_own import TUTORIAL, stock_archive
 
+pytestmark = pytest.mark.server  # this file's layer (conftest.py: every test declares one)
+
 OFFICIAL = ["torchserve", "--start", "--model-store", "model-store", "--models"]
 
 

@@ -57,6 +57,7 @@ def labelled_boxes(body: object) -> list[dict]:
     return body
 
 
+@pytest.mark.server
 def test_image_has_the_project_pins_java_17_and_a_non_root_user(engine, image):
     pins = dict(d.split("==") for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
                 if "==" in d)
@@ -74,6 +75,7 @@ def test_image_has_the_project_pins_java_17_and_a_non_root_user(engine, image):
     print(f"\nimage {image}: {size / 1e9:.2f} GB, python {facts['python']}, torch {facts['dists']['torch']}")
 
 
+@pytest.mark.server
 def test_classic_docker_run_serves_labelled_boxes_as_non_root(engine, image, container_store, tmp_path):
     """`docker run --rm -p 127.0.0.1:PORT:8080 -v $(pwd)/model-store:/home/model-server/model-store IMAGE`."""
     port, name = free_ports(1)[0], f"serve-demo-classic-{free_ports(1)[0]}"
@@ -105,6 +107,7 @@ def test_classic_docker_run_serves_labelled_boxes_as_non_root(engine, image, con
         container.stop(engine, name)
 
 
+@pytest.mark.server
 def test_container_is_healthy_and_reports_its_models(served_container):
     assert served_container.engine.health(served_container.name) == "healthy"
     print(f"\nmake docker-run's command: healthy after {served_container.startup_s:.1f} s")
@@ -114,6 +117,7 @@ def test_container_is_healthy_and_reports_its_models(served_container):
     assert {"shapes", "shapes_b4", "fixed"} <= names
 
 
+@pytest.mark.server
 def test_served_map_in_the_container_equals_the_host(served_container, server, test_split, tmp_path):
     results = {}
     for label, ts in (("host", server), ("container", served_container)):
@@ -127,6 +131,7 @@ def test_served_map_in_the_container_equals_the_host(served_container, server, t
     assert abs(host["mAP"] - cont["mAP"]) <= 1e-4 and abs(host["mAP_50"] - cont["mAP_50"]) <= 1e-4
 
 
+@pytest.mark.server
 def test_a_worker_killed_inside_the_container_is_replaced(served_container):
     c = served_container
     before = workers(c, "fixed")[0]["pid"]
@@ -146,6 +151,7 @@ def test_a_worker_killed_inside_the_container_is_replaced(served_container):
     assert c.engine.health(c.name) == "healthy"
 
 
+@pytest.mark.server
 def test_read_only_with_4g_serves_and_sigterm_drains(engine, image, container_store):
     """`--read-only --tmpfs /home/model-server/run --memory 4g`: serves; SIGTERM with requests in flight
     answers them all and exits 0 in under 10 s."""
@@ -187,6 +193,7 @@ def test_read_only_with_4g_serves_and_sigterm_drains(engine, image, container_st
         c.stop()
 
 
+@pytest.mark.server
 def test_versions_live_in_the_mounted_store_and_survive_a_restart(engine, image, test_split, tmp_path_factory,
                                                                   container_tmp, capsys):
     """register, promote (with its gate), versions and rollback through the published management port,
@@ -227,6 +234,7 @@ def test_versions_live_in_the_mounted_store_and_survive_a_restart(engine, image,
         c.stop()
 
 
+@pytest.mark.server
 def test_no_archives_is_a_clear_error(engine, image, container_tmp):
     empty = container_dir(container_tmp, "empty-store")
     proc = engine("run", "--rm", *engine.run_flags(), "-v", f"{empty}:/home/model-server/model-store", image,
@@ -235,6 +243,7 @@ def test_no_archives_is_a_clear_error(engine, image, container_tmp):
     assert "no model archives (.mar)" in proc.stderr + proc.stdout and "-v $(pwd)/model-store" in proc.stderr
 
 
+@pytest.mark.server
 def test_sbom_lists_the_image_python_packages(engine, image, tmp_path):
     out = tmp_path / "sbom.cdx.json"
     n = container.sbom(engine, image, out)
@@ -247,6 +256,7 @@ def test_sbom_lists_the_image_python_packages(engine, image, tmp_path):
     assert "selenium" not in versions and "tritonclient" not in versions and "serve-demo" in versions
 
 
+@pytest.mark.unit
 def test_host_pip_settings_are_mounted_under_host_pip(tmp_path):
     index = tmp_path / "pypi" / "simple"
     index.mkdir(parents=True)
@@ -261,6 +271,7 @@ def test_host_pip_settings_are_mounted_under_host_pip(tmp_path):
     assert f"{cert}:{container.HOST_PIP}{cert}:ro" in volumes
 
 
+@pytest.mark.unit
 def test_run_command_publishes_on_loopback_and_mounts_store_and_home(tmp_path):
     engine = container.Engine("podman", "/usr/bin/podman")
     spec = container.RunSpec(image="img", name="n", store=tmp_path / "s", home=tmp_path / "h", gpus="none",
@@ -277,6 +288,7 @@ def test_run_command_publishes_on_loopback_and_mounts_store_and_home(tmp_path):
     assert "--gpus all" in " ".join(gpu)
 
 
+@pytest.mark.server
 def test_the_kserve_manifest_command_serves_the_same_archive(engine, image, container_store):
     """docker/k8s/inferenceservice-kserve.yaml's command in this image: KServe's ModelServer, no JVM."""
     import yaml

@@ -26,6 +26,7 @@ DOCKER = ROOT / "docker"
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.integration
 def test_hadolint_clean():
     proc = subprocess.run([str(BIN / "hadolint"), str(DOCKER / "Dockerfile")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -42,6 +43,7 @@ def dockerfile_copies() -> list[str]:
     return sources
 
 
+@pytest.mark.integration
 def test_copy_sources_exist_and_reach_the_build_context():
     rules = [r.strip() for r in (ROOT / ".dockerignore").read_text().splitlines() if r.strip() and r[0] != "#"]
 
@@ -75,6 +77,7 @@ def torchserve_config_keys() -> set[str]:
     return {s.decode() for s in re.findall(rb"[a-z][a-z0-9_]{2,}", data)}
 
 
+@pytest.mark.integration
 def test_config_keys_are_known_to_torchserve():
     known = torchserve_config_keys()
     props = read_properties(DOCKER / "config.properties")
@@ -88,6 +91,7 @@ def test_config_keys_are_known_to_torchserve():
         assert name[3:].lower() in known, f"{name} does not name a TorchServe key"
 
 
+@pytest.mark.integration
 def test_archive_code_runs_on_python_39():
     """Archives carry core/ and the handler, and may be served by the official TorchServe image (Python
     3.9): they must parse there (our own image runs 3.11)."""
@@ -107,6 +111,7 @@ def small_store(tmp_path_factory, model_store) -> Path:
     return store
 
 
+@pytest.mark.server
 def test_environment_overrides_and_healthcheck(tmp_path, small_store):
     """The container's mechanism on a real TorchServe: TS_* variables override the shipped config
     (a different inference address; tokens off, as the Kubernetes manifests set), and
@@ -134,6 +139,7 @@ def test_environment_overrides_and_healthcheck(tmp_path, small_store):
     assert subprocess.run(health, env=henv, capture_output=True).returncode == 1
 
 
+@pytest.mark.integration
 def test_healthy_means_every_recorded_version_registered_with_its_default(tmp_path, model_store, fixed_weights):
     """The restart race: a server still registering the recorded 2.0 (or not yet making it the
     default) is not healthy, whatever its READY workers say."""
@@ -173,6 +179,7 @@ def load_manifests(name: str) -> list[dict]:
     return [d for d in yaml.safe_load_all((DOCKER / "k8s" / name).read_text()) if d]
 
 
+@pytest.mark.integration
 def test_kubernetes_manifests_validate_offline():
     import kubernetes_validate
 
@@ -193,6 +200,7 @@ PREDICTOR_FIELDS = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", 
                     "canaryTrafficPercent", "containers", "serviceAccountName", "nodeSelector", "tolerations"}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["inferenceservice.yaml", "inferenceservice-canary.yaml"])
 def test_inferenceservice(name):
     """KServe's schema is not bundled: known v1beta1 predictor fields, and the container checked
@@ -221,6 +229,7 @@ def test_inferenceservice(name):
         assert pred["canaryTrafficPercent"] == 10
 
 
+@pytest.mark.integration
 def test_compose_publishes_management_on_loopback_only():
     svc = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["serve-demo"]
     assert "8080:8080" in svc["ports"]
@@ -229,6 +238,7 @@ def test_compose_publishes_management_on_loopback_only():
     assert devices[0]["capabilities"] == ["gpu"]
 
 
+@pytest.mark.integration
 def test_inferenceservice_for_the_kserve_server():
     """The KServe-server predictor: a valid Pod container that runs our ModelServer on the archive,
     probed on the OIP v2 health routes that server answers."""

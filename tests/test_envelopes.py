@@ -20,6 +20,7 @@ def b64(seed: int, size=(200, 150)) -> str:
     return base64.b64encode(encode(synth_image(seed, size))).decode()
 
 
+@pytest.mark.unit
 def test_parse_plain_v1_v2():
     cfg = HandlerConfig()
     img = encode(synth_image(1, (64, 48)))
@@ -37,6 +38,7 @@ def test_parse_plain_v1_v2():
     assert wrap(Parsed("v1"), [[1], [2]], "m", "1.0") == {"predictions": [[1], [2]]}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("body,code,kind,match", [
     ({"instances": []}, 400, "invalid_envelope", "non-empty list"),
     ({"instances": [{"data": 3}]}, 400, "invalid_envelope", "instance 0"),
@@ -56,6 +58,7 @@ def send_json(ts, path: str, body: dict) -> requests.Response:
     return requests.post(f"{ts.inference_url}/{path}", json=body, headers=ts.auth("inference"), timeout=120)
 
 
+@pytest.mark.server
 def test_v1_predict_route(target):
     images = [b64(10), b64(11, (320, 240))]
     r = send_json(target, "v1/models/shapes:predict", {"instances": [{"data": images[0]}, {"data": images[1]}]})
@@ -71,6 +74,7 @@ def test_v1_predict_route(target):
             assert g[label] == pytest.approx(w[label], abs=1e-2)
 
 
+@pytest.mark.server
 def test_v2_infer_route(target):
     images = [b64(12), b64(13, (240, 320)), b64(14, (100, 80))]
     body = {"id": "req-1", "inputs": [{"name": "images", "datatype": "BYTES", "shape": [3], "data": images}],
@@ -84,6 +88,7 @@ def test_v2_infer_route(target):
     assert all(d["score"] >= 0.3 for p in payloads for d in p["detections"])
 
 
+@pytest.mark.server
 def test_v2_batch_answers_every_request(target):
     """Four v2 requests batched together by TorchServe (batch 4): each gets its own full answer."""
     bodies = [{"id": f"r{i}", "inputs": [{"name": "images", "datatype": "BYTES", "shape": [1 + i % 2],
@@ -97,6 +102,7 @@ def test_v2_batch_answers_every_request(target):
     assert "batch of 4 requests (0 refused)" in worker_log(target)
 
 
+@pytest.mark.server
 def test_bad_instance_fails_its_request_only(target):
     good = {"instances": [{"data": b64(30)}]}
     bad = {"instances": [{"data": b64(31)}, {"data": "not base64!"}]}

@@ -36,6 +36,7 @@ PERSON = {"0": "__background__", "1": "person"}
 FIRST = "maskrcnn_tiny"  # served from the start; the others are registered one by one
 
 
+@pytest.mark.integration
 def test_every_architecture_is_covered():
     assert set(KWARGS) == set(available_archs())
     assert len(TORCHVISION_ARCHS) == 12
@@ -66,6 +67,7 @@ def family_server(tmp_path_factory):
         yield ts, root, store
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("arch", list(KWARGS))
 def test_family_archived_and_served(family_server, arch):
     ts, root, store = family_server

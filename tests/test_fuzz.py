@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,8 @@ from serve_demo.core.config import HandlerConfig, parse_threshold
 from serve_demo.core.imaging import RequestError, decode_image
 from serve_demo.core.pipeline import parse_request
 from tests.conftest import encode, synth_image
+
+pytestmark = pytest.mark.unit  # this file's layer (conftest.py: every test declares one)
 
 SEEDS = {fmt: encode(synth_image(50, (96, 72)), fmt) for fmt in ("JPEG", "PNG", "GIF", "BMP", "WEBP")}
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

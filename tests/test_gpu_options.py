@@ -21,6 +21,8 @@ from serve_demo.core.worker import Worker
 
 from .conftest import DEMO_LABELS, DEMO_WEIGHTS, archive_args, encode, synth_image
 
+pytestmark = pytest.mark.integration  # this file's layer (conftest.py: every test declares one)
+
 CPU = torch.device("cpu")
 
 

@@ -17,6 +17,8 @@ from tests.conftest import ASSETS, ROOT, encode, synth_image
 sys.path.insert(0, str(ROOT / "handlers"))
 from detector_handler import DetectorHandler  # noqa: E402
 
+pytestmark = pytest.mark.integration  # this file's layer (conftest.py: every test declares one)
+
 
 class BatchContext(MockContext):
     """MockContext plus TorchServe's real per-request header/status plumbing."""

@@ -22,6 +22,7 @@ from tests.conftest import encode, post, synth_image
 NAMES = {0: "__background__", 1: "ellipse", 2: "rectangle"}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("accept,expected", [
     ("image/png", "png"), ("image/jpeg", "jpeg"), ("image/png;q=0.9, application/json", "png"),
     ("application/json, image/png", None), ("*/*", None), ("", None), (None, None), ("text/html", None),
@@ -40,6 +41,7 @@ def upload(w: int = 200, h: int = 150) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+@pytest.mark.unit
 def test_png_drawn_where_the_boxes_are_and_nowhere_else():
     image = upload()
     answer = format_output(fixed_output(), Request(image, 0.5, "image", image_type="png"), NAMES, "m", "1")
@@ -53,6 +55,7 @@ def test_png_drawn_where_the_boxes_are_and_nowhere_else():
     assert (drawn[110:, :] == original[110:, :]).all()
 
 
+@pytest.mark.unit
 def test_jpeg_and_the_size_limit():
     image = upload()
     answer = format_output(fixed_output(), Request(image, 0.5, "image"), NAMES, "m", "1")
@@ -63,6 +66,7 @@ def test_jpeg_and_the_size_limit():
     assert (e.value.code, e.value.kind) == (413, "image_answer_too_large")
 
 
+@pytest.mark.unit
 def test_envelopes_carry_base64_json():
     from serve_demo.core.envelopes import wrap
 
@@ -80,6 +84,7 @@ def rotated_jpeg() -> tuple[bytes, tuple[int, int]]:
     return encode(synth_image(70, (320, 240)), "JPEG", exif=exif.tobytes()), (240, 320)
 
 
+@pytest.mark.server
 def test_image_answer_is_upright_and_drawn_on_the_boxes(target):
     data, upright = rotated_jpeg()
     r = post(target, "shapes", data, {"X-Response-Format": "image", "Accept": "image/png"})
@@ -104,6 +109,7 @@ def test_image_answer_is_upright_and_drawn_on_the_boxes(target):
     assert jpeg.headers["content-type"] == "image/jpeg" and Image.open(io.BytesIO(jpeg.content)).size == upright
 
 
+@pytest.mark.server
 def test_accept_png_and_batch_beside_json(target):
     bodies = [encode(synth_image(71 + i, size)) for i, size in enumerate([(320, 240), (240, 320), (200, 150)])]
     asks = [({"Accept": "image/png"}, bodies[0]), ({"X-Response-Format": "detailed"}, bodies[1]),
@@ -118,6 +124,7 @@ def test_accept_png_and_batch_beside_json(target):
     assert Image.open(io.BytesIO(rs[3].content)).size == (200, 150)
 
 
+@pytest.mark.server
 def test_image_answer_inside_a_kserve_v1_envelope(target):
     body = {"instances": [{"data": base64.b64encode(encode(synth_image(75, (320, 240)))).decode()}]}
     r = requests.post(f"{target.inference_url}/v1/models/shapes:predict", json=body, timeout=60,

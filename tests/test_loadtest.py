@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.server  # this file's layer (conftest.py: every test declares one)
 
 
 def test_locust_smoke(server, test_split, tmp_path):

@@ -23,6 +23,8 @@ from serve_demo.data.synth import SynthConfig, generate_split, render_image
 
 from .conftest import encode
 
+pytestmark = pytest.mark.unit  # this file's layer (conftest.py: every test declares one)
+
 
 def reference(m: np.ndarray) -> str:
     return coco_mask.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode()

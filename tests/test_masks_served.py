@@ -21,6 +21,8 @@ from serve_demo.serve.torchserve import TorchServe
 
 from .conftest import ROOT, archive_args, make_server, post
 
+pytestmark = pytest.mark.server  # this file's layer (conftest.py: every test declares one)
+
 WEIGHTS = ROOT / "weights" / "shapes_masks.pt"
 LABELS = ROOT / "index_to_name" / "shapes_masks.json"
 IMAGES = 40

@@ -37,6 +37,7 @@ PROMTOOL = shutil.which("promtool")
 # ------------------------------------------------------------------------------------------- pure units
 
 
+@pytest.mark.unit
 def test_samples_of_a_batch():
     stats = observe.BatchStats(requests=3, refused=["not_an_image"], decode_s=0.01, model_s=0.02, encode_s=0.003)
     stats.images = [observe.ImageStats(640, 480, 0.42, ["star", "cross"], [0.91, 0.55]),
@@ -55,6 +56,7 @@ def test_samples_of_a_batch():
     assert observe.bucket_index(0) == 0 and observe.bucket_index(3) == 11 and observe.bucket_index(11) == 14
 
 
+@pytest.mark.unit
 def test_every_metric_is_declared_for_torchserve():
     declared = yaml.safe_load((ROOT / "docker" / "metrics.yaml").read_text())["model_metrics"]
     for spec in observe.METRICS:
@@ -62,6 +64,7 @@ def test_every_metric_is_declared_for_torchserve():
         assert entry["unit"] == spec.unit and tuple(entry["dimensions"]) == spec.dims, spec.name
 
 
+@pytest.mark.unit
 def test_a_failing_sink_never_raises(caplog):
     def broken(*_):
         raise RuntimeError("metrics backend down")
@@ -70,6 +73,7 @@ def test_a_failing_sink_never_raises(caplog):
     assert "metrics not emitted" in caplog.text
 
 
+@pytest.mark.unit
 def test_psi_and_levels():
     same = {"a": 50.0, "b": 50.0}
     assert drift.psi(same, {"a": 500.0, "b": 500.0}) == pytest.approx(0.0)
@@ -85,6 +89,7 @@ def test_psi_and_levels():
     assert drift.parse_duration("2h") == 7200
 
 
+@pytest.mark.unit
 def test_capture_config_and_uncertainty():
     assert CaptureConfig.from_yaml(None).enabled is False
     with pytest.raises(ValueError, match="unknown keys"):
@@ -96,6 +101,7 @@ def test_capture_config_and_uncertainty():
     assert uncertainty([0.1], 0.5, 0.3, 0.7) == 0.5  # nothing found
 
 
+@pytest.mark.unit
 def test_capture_drops_instead_of_blocking_when_the_writer_lags(tmp_path, monkeypatch):
     import torch
 
@@ -122,6 +128,7 @@ def test_capture_drops_instead_of_blocking_when_the_writer_lags(tmp_path, monkey
     assert len(list((cap.root / "images").glob("*.jpg"))) == 2
 
 
+@pytest.mark.unit
 def test_grafana_dashboard_is_current():
     committed = json.loads(dashboard.GRAFANA_JSON.read_text() if dashboard.GRAFANA_JSON.is_absolute()
                            else (ROOT / dashboard.GRAFANA_JSON).read_text())
@@ -132,6 +139,7 @@ def test_grafana_dashboard_is_current():
         assert any(t.startswith(wanted) for t in titles), wanted
 
 
+@pytest.mark.unit
 def test_compose_provisions_prometheus_and_grafana():
     services = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]
     assert {"serve-demo", "prometheus", "grafana"} <= set(services)
@@ -146,6 +154,7 @@ def test_compose_provisions_prometheus_and_grafana():
 # ------------------------------------------------------------------------------------------- promtool
 
 
+@pytest.mark.unit
 def test_promtool_checks_config_rules_and_alert_unit_tests():
     assert PROMTOOL, "promtool is missing: `make prometheus-tools` (make test installs it as root)"
     for args in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"],
@@ -205,6 +214,7 @@ def post(ts, model: str, data: bytes, **headers) -> requests.Response:
                          headers={"Content-Type": "application/octet-stream", **ts.auth("inference"), **headers})
 
 
+@pytest.mark.server
 def test_detection_metrics_reach_prometheus_with_the_right_values(mon):
     ts, prom = mon
     sizes = [(320, 240), (640, 480), (100, 80), (256, 256), (500, 300)]
@@ -238,6 +248,7 @@ def test_detection_metrics_reach_prometheus_with_the_right_values(mon):
     assert len(rules) == 5 and all(r["health"] == "ok" for r in rules), rules
 
 
+@pytest.mark.server
 def test_every_dashboard_query_runs_and_the_png_is_drawn(mon, tmp_path):
     ts, prom = mon
     for panel in dashboard.PANELS:
@@ -271,6 +282,7 @@ def send_all(ts, bodies: list[bytes]) -> None:
     assert codes == [200] * len(bodies)
 
 
+@pytest.mark.server
 def test_drift_flags_shifted_traffic_and_passes_unshifted(mon, tmp_path):
     ts, prom = mon
     data = tmp_path / "data"
@@ -324,6 +336,7 @@ def test_drift_flags_shifted_traffic_and_passes_unshifted(mon, tmp_path):
                      "--end", f"{start - 3600:.0f}", "--window", "10s", "--out", str(tmp_path / "drift-c")]) == 2
 
 
+@pytest.mark.server
 def test_capture_keeps_uncertain_images_and_collect_makes_a_dataset(mon, tmp_path):
     from serve_demo.data.coco import CocoDetection
 
@@ -356,6 +369,7 @@ def test_capture_keeps_uncertain_images_and_collect_makes_a_dataset(mon, tmp_pat
     assert cli.main(["collect", "--capture", str(ts.home / "capture"), "--out", str(out)]) == 2  # not empty
 
 
+@pytest.mark.server
 def test_kserve_server_exposes_the_same_metric_names(kserve):
     r = requests.post(f"{kserve.inference_url}/predictions/fixed", data=encode(synth_image(1)),
                       headers={"Content-Type": "image/jpeg"}, timeout=60)

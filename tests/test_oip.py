@@ -36,6 +36,7 @@ def binary_request(images: list[bytes], parameters: dict | None = None) -> tuple
     return head + raw, {BINARY_HEADER: str(len(head)), "Content-Type": "application/octet-stream"}
 
 
+@pytest.mark.unit
 def test_binary_extension_raw_bytes_elements():
     body, headers = binary_request([jpeg(1), jpeg(2, (64, 48))], {"threshold": 0.3})
     parsed = parse_row({"body": bytearray(body)}, headers, HandlerConfig())
@@ -44,6 +45,7 @@ def test_binary_extension_raw_bytes_elements():
     assert parsed.requests[0].threshold == 0.3
 
 
+@pytest.mark.unit
 def test_json_envelope_sniffed_whatever_the_content_type():
     body = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
                                    "data": [base64.b64encode(jpeg(3)).decode()]}]}).encode()
@@ -51,6 +53,7 @@ def test_json_envelope_sniffed_whatever_the_content_type():
         assert parse_row({"body": body}, {"Content-Type": ctype}, HandlerConfig()).protocol == "v2"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("body,headers,kind,match", [
     (b'{"inputs": [', {"Content-Type": "application/json"}, "invalid_json", "not valid JSON"),
     (b"{}" + b"\0" * 8, {BINARY_HEADER: "99"}, "invalid_envelope", "not a length within"),
@@ -64,6 +67,7 @@ def test_bad_binary_or_json_named(body, headers, kind, match):
     assert e.value.kind == kind and e.value.code == 400
 
 
+@pytest.mark.unit
 def test_truncated_bytes_element_named():
     body, headers = binary_request([jpeg(4)])
     head_len = int(headers[BINARY_HEADER])
@@ -100,6 +104,7 @@ def check_answers(result, images: list[bytes], target) -> None:
                        for got in payload["detections"]), (want, payload["detections"])
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json-base64"])
 def test_tritonclient_http_on_torchserve(server, binary):
     client = thttp.InferenceServerClient(f"127.0.0.1:{server.inference_port}")
@@ -112,6 +117,7 @@ def test_tritonclient_http_on_torchserve(server, binary):
     assert "415" in str(e.value)
 
 
+@pytest.mark.server
 def test_torchserve_frontend_does_not_route_v2_health(server):
     """Pinned limitation (README: the protocol table): TorchServe 0.12's frontend routes
     /v2/models/NAME/infer but not v2 health or metadata; /ping and the management API are the
@@ -122,6 +128,7 @@ def test_torchserve_frontend_does_not_route_v2_health(server):
                         timeout=10).status_code == 404
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_tritonclient_on_kserve(kserve, protocol):
     module, url = (thttp, f"127.0.0.1:{kserve.http_port}") if protocol == "http" else (tgrpc, kserve.grpc_target)
@@ -140,6 +147,7 @@ def test_tritonclient_on_kserve(kserve, protocol):
     assert "image 1:" in str(e.value)
 
 
+@pytest.mark.server
 def test_kserve_oversized_body_refused_before_reading(kserve):
     r = requests.post(f"{kserve.url}/predictions/shapes", data=b"\xff\xd8" + b"\0" * (17 << 20),
                       headers={"Content-Type": "image/jpeg"}, timeout=60)
@@ -147,6 +155,7 @@ def test_kserve_oversized_body_refused_before_reading(kserve):
     assert post(kserve, "shapes", jpeg(16)).status_code == 200
 
 
+@pytest.mark.server
 def test_kserve_v1_image_body_and_unknown_model(kserve):
     r = requests.post(f"{kserve.url}/v1/models/shapes:predict", data=jpeg(17),
                       headers={"Content-Type": "image/jpeg"}, timeout=60)

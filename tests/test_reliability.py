@@ -16,6 +16,8 @@ import requests
 from serve_demo.archive.builder import build
 from tests.conftest import DEMO_LABELS, DEMO_WEIGHTS, archive_args, encode, make_server, synth_image, workers
 
+pytestmark = pytest.mark.server  # this file's layer (conftest.py: every test declares one)
+
 
 @pytest.fixture(scope="module")
 def ts(tmp_path_factory):

@@ -41,6 +41,7 @@ MASK_LABELS = ROOT / "index_to_name" / "shapes_masks.json"
 
 # --- units ---------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_flatten_roundtrip_keeps_nesting_and_order():
     a, b, c, d = (torch.full((i + 1,), float(i)) for i in range(4))
     nest = ({"0": a, "pool": b}, [c, (d,)])
@@ -53,6 +54,7 @@ def test_flatten_roundtrip_keeps_nesting_and_order():
         flatten((a, 3))
 
 
+@pytest.mark.unit
 def test_runtime_config_names_bad_values():
     assert RuntimeConfig.from_yaml(None) == RuntimeConfig("eager", "fp32")
     assert RuntimeConfig.from_yaml("openvino").accelerated
@@ -65,6 +67,7 @@ def test_runtime_config_names_bad_values():
         RuntimeConfig.from_yaml({"name": "openvino", "threads": 2})
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cpus,workers,expected", [
     (1, 0, (1, 1)), (2, 0, (2, 1)), (8, 0, (8, 1)), (16, 0, (16, 1)), (32, 0, (16, 2)), (96, 0, (16, 6)),
     (2, 1, (1, 2)), (8, 2, (2, 4)), (2, 3, (3, 1)),
@@ -75,6 +78,7 @@ def test_cpu_layout(cpus, workers, expected):
     assert layout.workers * layout.threads <= max(cpus, workers)
 
 
+@pytest.mark.unit
 def test_available_cpus_follows_the_cgroup_quota(tmp_path):
     import os
 
@@ -92,6 +96,7 @@ def test_available_cpus_follows_the_cgroup_quota(tmp_path):
     assert available_cpus(v1) == mine
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("threads,workers,cpus,expected", [
     (1, 1, 1, 1), (2, 1, 2, 2), (1, 2, 2, 2), (1, 16, 16, 2), (2, 16, 32, 4), (1, 3, 2, 2),
 ])
@@ -99,6 +104,7 @@ def test_runtime_threads_borrow_an_idle_neighbour_core(threads, workers, cpus, e
     assert runtime_threads(threads, workers, cpus) == expected
 
 
+@pytest.mark.unit
 def test_occupancy_lets_a_lone_worker_go_wide(tmp_path):
     import os
     import subprocess
@@ -119,6 +125,7 @@ def test_occupancy_lets_a_lone_worker_go_wide(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [str(os.getppid())]
 
 
+@pytest.mark.unit
 def test_worker_threads_share_the_cpus(monkeypatch):
     monkeypatch.delenv(WORKERS_ENV, raising=False)
     assert worker_layout(min_workers=1, threads=3).threads == 3  # the archive decides
@@ -142,6 +149,7 @@ def _report(a: dict, b: dict) -> parity.ParityReport:
     return report
 
 
+@pytest.mark.unit
 def test_parity_compare_passes_within_tolerance_and_names_the_failures():
     eager = _answer([[10, 10, 50, 50], [60, 60, 90, 99]], [0.9, 0.4], [1, 2])
     close = _answer([[10.2, 10, 50, 49.9], [60, 60, 90, 99]], [0.9004, 0.4], [1, 2])
@@ -162,6 +170,7 @@ def test_parity_compare_passes_within_tolerance_and_names_the_failures():
     assert not missing.passed and missing.unmatched == 1 and "score 0.4000" in missing.summary()
 
 
+@pytest.mark.unit
 def test_parity_tolerates_only_the_cut_at_the_score_floor():
     eager = _answer([[10, 10, 50, 50], [60, 60, 90, 99]], [0.9, parity.SCORE_FLOOR + 1e-4], [1, 2])
     assert _report(eager, _answer([[10, 10, 50, 50]], [0.9], [1])).passed  # crossed the floor: tolerated
@@ -169,6 +178,7 @@ def test_parity_tolerates_only_the_cut_at_the_score_floor():
     assert not _report(eager, _answer([[10, 10, 50, 50]], [0.9], [1])).passed
 
 
+@pytest.mark.unit
 def test_parity_compares_masks_and_keypoints():
     m = torch.zeros(1, 1, 20, 20)
     m[..., 5:10, 5:10] = 0.8
@@ -209,6 +219,7 @@ class _ShapeDependentHead(nn.Module):
         return x.mean(dim=(2, 3))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_export_keeps_a_wrongly_traced_part_eager_and_says_why(tmp_path, runtime):
     model = _ToyDetector().eval()
@@ -388,6 +399,7 @@ def _mask_ious(a: dict, b: dict) -> list[float]:
     return ious
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("eager,fast", [("shapes", "shapes_ort"), ("shapes", "shapes_ov"), ("masks", "masks_ort")])
 def test_served_accelerated_answers_equal_eager(rt_server, eager, fast):
     report = parity.ParityReport()
@@ -406,6 +418,7 @@ def test_served_accelerated_answers_equal_eager(rt_server, eager, fast):
     assert report.passed, report.summary()
 
 
+@pytest.mark.server
 def test_served_map_equals_eager(rt_server, test_split, tmp_path):
     mgmt = Management(rt_server.management_url, home=rt_server.home)
     results = {m: evaluate(test_split, "test", model=m, url=rt_server.inference_url, management=mgmt,
@@ -420,6 +433,7 @@ def test_served_map_equals_eager(rt_server, test_split, tmp_path):
         assert abs(got - base) <= 0.002, (m, got, base)
 
 
+@pytest.mark.server
 def test_default_layout_and_runtime_in_the_workers(rt_server):
     layout = cpu_layout()
     info = requests.get(f"{rt_server.management_url}/models/shapes_ov", headers=rt_server.auth(), timeout=10).json()
@@ -432,6 +446,7 @@ def test_default_layout_and_runtime_in_the_workers(rt_server):
     assert "runtime onnxruntime: ['backbone', 'head'] run in onnxruntime" in log
 
 
+@pytest.mark.server
 def test_frontend_logs_no_line_per_request(rt_server):
     logs = rt_server.home / "logs"
     before = {f: len((logs / f).read_text(errors="replace").splitlines()) for f in ("ts_log.log", "model_log.log")}
@@ -445,6 +460,7 @@ def test_frontend_logs_no_line_per_request(rt_server):
     assert len(access) == 10 and all("/predictions/shapes" in line for line in access)  # opted in here
 
 
+@pytest.mark.server
 def test_access_log_is_off_by_default(server):
     data = encode(synth_image(4))
     assert post(server, "shapes", data).status_code == 200

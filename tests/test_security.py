@@ -10,6 +10,8 @@ import requests
 
 from tests.conftest import encode, read_properties_of, synth_image
 
+pytestmark = pytest.mark.server  # this file's layer (conftest.py: every test declares one)
+
 
 def non_loopback_ipv4() -> str | None:
     """An address of this machine other than 127.0.0.0/8 (the route to a public address)."""

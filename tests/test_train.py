@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from serve_demo import cli
 from serve_demo.data.synth import generate
+
+pytestmark = pytest.mark.integration  # this file's layer (conftest.py: every test declares one)
 
 
 def test_train_cli_checkpoints_resumes_and_exports(tmp_path):

@@ -14,6 +14,8 @@ import requests
 from serve_demo.serve.process import free_ports
 from tests.conftest import post, synth_image
 
+pytestmark = pytest.mark.server  # this file's layer (conftest.py: every test declares one)
+
 
 @pytest.fixture(scope="module")
 def ui(server):

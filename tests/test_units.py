@@ -20,6 +20,8 @@ from serve_demo.data.cocometrics import coco_bbox_metrics, f_beta_curve, image_e
 from serve_demo.data.synth import SynthConfig, generate_split
 from tests.conftest import encode
 
+pytestmark = pytest.mark.unit  # this file's layer (conftest.py: every test declares one)
+
 
 def rgb(w: int = 40, h: int = 30) -> Image.Image:
     arr = np.zeros((h, w, 3), np.uint8)

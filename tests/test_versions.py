@@ -44,10 +44,12 @@ def fake_mar(path: Path, name: str, version: str) -> Path:
     return path
 
 
+@pytest.mark.unit
 def test_version_order_is_natural():
     assert sorted(["1.10", "1.9", "2.0", "1.0-rc1", "1.0"], key=version_key) == ["1.0", "1.0-rc1", "1.9", "1.10", "2.0"]
 
 
+@pytest.mark.unit
 def test_registry_default_history_and_rollback(tmp_path):
     reg = Registry.load(tmp_path)
     reg.add("det", "1.0", "det-1.0.mar")
@@ -65,6 +67,7 @@ def test_registry_default_history_and_rollback(tmp_path):
         reg.set_default("det", "3.0")
 
 
+@pytest.mark.unit
 def test_registry_sync_with_store(tmp_path):
     fake_mar(tmp_path / "det-1.0.mar", "det", "1.0")
     fake_mar(tmp_path / "det-1.10.mar", "det", "1.10")
@@ -91,6 +94,7 @@ def _result(version: str, mAP: float, failures: int = 0) -> dict:
             "metrics": {"coco": {"mAP": mAP, **coco}, "f2": f2}}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("candidate,failures,accepted", [
     (0.700, 0, True), (0.696, 0, True), (0.694, 0, False), (0.800, 1, False),
 ])
@@ -100,6 +104,7 @@ def test_gate_tolerance(candidate, failures, accepted):
     assert "default 1.0" in table and "candidate 2.0" in table and f"{candidate - 0.7:+.4f}" in table
 
 
+@pytest.mark.unit
 def test_gate_checks_masks_too_when_both_reports_have_them():
     base, cand = _result("1.0", 0.700), _result("2.0", 0.710)
     base["metrics"]["coco_segm"] = {"mAP": 0.60, "mAP_50": 0.9, "mAP_75": 0.6}
@@ -121,6 +126,7 @@ def detailed_version(ts, path: str) -> str:
     return r.json()["version"]
 
 
+@pytest.mark.integration
 def test_version_life_cycle(tmp_path, test_split, monkeypatch, capsys):
     """Archive, serve, register a second version, gate, promote, force, roll back, restart."""
     assert EARLY_WEIGHTS.is_file(), "weights/shapes_1ep.pt is committed (1-epoch run of the demo recipe)"
@@ -190,6 +196,7 @@ def test_version_life_cycle(tmp_path, test_split, monkeypatch, capsys):
         ts.stop()
 
 
+@pytest.mark.server
 def test_register_refuses_what_is_not_in_the_store(server, capsys):
     """Only archives already in the model store: no file, or any URL, is refused."""
     conn = ["--management-url", server.management_url, "--model-store", str(server.model_store),
@@ -203,6 +210,7 @@ def test_register_refuses_what_is_not_in_the_store(server, capsys):
     assert "register it first" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_serve_on_a_running_server_registers_models_archived_since(tmp_path, fixed_weights):
     """`make demo NAME=other` while TorchServe runs: the new model's archive gets registered."""
     store = tmp_path / "store"

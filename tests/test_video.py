@@ -58,6 +58,7 @@ def check_follows(rows: list[dict], every: int) -> None:
     assert [r["frame"] for r in rows] == list(range(0, FRAMES, every))
 
 
+@pytest.mark.server
 def test_video_file_annotated_and_tracked(server, clip, tmp_path):
     out = tmp_path / "annotated.mp4"
     proc = subprocess.run([sys.executable, "-m", "serve_demo", "video", str(clip), "--out", str(out),
@@ -76,6 +77,7 @@ def test_video_file_annotated_and_tracked(server, clip, tmp_path):
     assert np.abs(frames[0].astype(int) - original).mean() > 0.5  # boxes drawn over the first frame
 
 
+@pytest.mark.server
 def test_video_from_a_stream_url(server, clip, tmp_path):
     """The same clip from an HTTP URL on loopback (what a camera's HTTP stream looks like to FFmpeg)."""
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(clip.parent))
@@ -95,6 +97,7 @@ def test_video_from_a_stream_url(server, clip, tmp_path):
     assert first["score"] >= 0.5
 
 
+@pytest.mark.unit
 def test_bad_source_named(tmp_path):
     (tmp_path / "not_a_video.mp4").write_bytes(b"hello")
     proc = subprocess.run([sys.executable, "-m", "serve_demo", "video", str(tmp_path / "not_a_video.mp4"),
@@ -102,6 +105,7 @@ def test_bad_source_named(tmp_path):
     assert proc.returncode == 2 and "cannot open" in proc.stderr
 
 
+@pytest.mark.unit
 def test_clip_moves_as_described(clip):
     """The clip is what the tests say it is: the scene moves STEP px right a frame."""
     with av.open(str(clip)) as source:

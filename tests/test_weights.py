@@ -58,6 +58,7 @@ def dirs(tmp_path) -> dict:
     return dict(export_path=str(tmp_path / "store"), build_dir=str(tmp_path / "build"))
 
 
+@pytest.mark.integration
 def test_lightning_checkpoint_archived_with_prefix_stripped(tmp_path, lightning_ckpt, labels6):
     ckpt, state = lightning_ckpt
     mar = build(archive_args(name="lit", weights=str(ckpt), labels=str(labels6), arch="fcos_tiny", **dirs(tmp_path)))
@@ -73,6 +74,7 @@ def test_lightning_checkpoint_archived_with_prefix_stripped(tmp_path, lightning_
         detector.close()
 
 
+@pytest.mark.integration
 def test_named_prefix_used_and_a_wrong_one_refused(tmp_path, lightning_ckpt, labels6):
     ckpt, _ = lightning_ckpt
     build(archive_args(name="lit", weights=str(ckpt), labels=str(labels6), arch="fcos_tiny", weights_prefix="model.",
@@ -82,6 +84,7 @@ def test_named_prefix_used_and_a_wrong_one_refused(tmp_path, lightning_ckpt, lab
                            weights_prefix="net.", **dirs(tmp_path)))
 
 
+@pytest.mark.integration
 def test_checkpoint_of_another_architecture_named(tmp_path, lightning_ckpt, labels6):
     ckpt, _ = lightning_ckpt
     with pytest.raises(ArchiveError, match="does not fit FCOS|does not fit RetinaNet|unexpected keys"):
@@ -89,6 +92,7 @@ def test_checkpoint_of_another_architecture_named(tmp_path, lightning_ckpt, labe
                            **dirs(tmp_path)))
 
 
+@pytest.mark.unit
 def test_fit_state_dict_prefixes():
     model_keys = ["a.w", "b.w", "bn.num_batches_tracked"]
     state = {"model.a.w": torch.zeros(1), "model.b.w": torch.zeros(1), "ema.a.w": torch.zeros(1)}
@@ -99,6 +103,7 @@ def test_fit_state_dict_prefixes():
     assert fit_state_dict(model_keys, {"x": torch.zeros(1)}) == ({"x": torch.zeros(1)}, "")  # load_weights names it
 
 
+@pytest.mark.unit
 def test_not_a_state_dict_named(tmp_path, labels6):
     path = tmp_path / "w.pt"
     torch.save({"epoch": 3, "notes": "no weights here"}, path)
@@ -106,6 +111,7 @@ def test_not_a_state_dict_named(tmp_path, labels6):
         build(archive_args(name="x", weights=str(path), labels=str(labels6), arch="fcos_tiny", **dirs(tmp_path)))
 
 
+@pytest.mark.unit
 def test_repeated_label_names_refused_unless_kept(tmp_path):
     """Aquarium's real label map maps 6 and 7 both to "starfish"."""
     labels = tmp_path / "aquarium.json"
@@ -120,6 +126,7 @@ def test_repeated_label_names_refused_unless_kept(tmp_path):
     assert mar.is_file()
 
 
+@pytest.mark.integration
 def test_archive_carries_the_core_package_as_a_folder(model_store):
     names = set(zipfile.ZipFile(model_store / "shapes-1.0.mar").namelist())
     core = {f"serve_demo/core/{p.name}" for p in (ROOT / "serve_demo" / "core").glob("*.py")}
@@ -127,6 +134,7 @@ def test_archive_carries_the_core_package_as_a_folder(model_store):
     assert not any(n.startswith(("serve_demo/serve/", "serve_demo/train/")) for n in names)
 
 
+@pytest.mark.unit
 def test_cli_imports_only_the_command_it_runs():
     """``serve_demo stop`` (and ``--help``) must not load torch or kserve."""
     code = ("import sys; from serve_demo import cli; cli.build_parser(['stop']); "
@@ -138,6 +146,7 @@ def test_cli_imports_only_the_command_it_runs():
     assert "archive" in help_text and "convert-pennfudan" in help_text
 
 
+@pytest.mark.unit
 def test_defaults_written_once():
     """The Makefile's defaults, argparse's and the shipped TorchServe config agree with defaults.py."""
     from serve_demo.core import defaults
