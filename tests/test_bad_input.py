@@ -135,8 +135,16 @@ def test_bad_input(target, name, make, code, kind):
     body = r.json()
     if code != 200:
         assert body["code"] == code and body["type"] == kind and len(body["message"]) > 20, body
-    else:
+    else:  # answered: the stock list, and the same request in the detailed format names the decoded image
         assert isinstance(body, list)
+        kw = make()
+        kw["headers"] = {**kw.get("headers", {}), "X-Response-Format": "detailed"}
+        detailed = send(target, kw)
+        assert detailed.status_code == 200, detailed.text[:300]
+        doc = detailed.json()
+        assert doc["model"] == "shapes" and isinstance(doc["detections"], list), doc
+        assert len(doc["image_size"]) == 2 and min(doc["image_size"]) >= 1, doc
+        assert len(doc["detections"]) == len(body)
     assert [w["pid"] for w in workers(target)] == before
     assert all(w["status"] == "READY" for w in workers(target))
     good = send(target, {"data": jpeg(), "headers": {"Content-Type": "image/jpeg"}})

@@ -26,7 +26,7 @@ from serve_demo.data.synth import SynthConfig, generate_split
 from serve_demo.evaluate.evaluator import evaluate
 from serve_demo.monitor import dashboard, drift
 from serve_demo.monitor.prometheus import LocalPrometheus
-from serve_demo.serve.process import free_ports
+from serve_demo.serve.process import free_ports, wait_until
 from tests.conftest import ASSETS, DEMO_LABELS, DEMO_WEIGHTS, ROOT, archive_args, encode, make_server, synth_image
 
 PROM_DIR = ROOT / "docker" / "prometheus"
@@ -116,9 +116,11 @@ def test_capture_drops_instead_of_blocking_when_the_writer_lags(tmp_path, monkey
     cap = Stalled(CaptureConfig(enabled=True, rate=1.0, queue=2), "m", "1.0", {0: "__background__", 1: "a"})
     image = torch.zeros(3, 64, 64, dtype=torch.uint8)
     out = {"boxes": torch.tensor([[1.0, 2.0, 10.0, 20.0]]), "labels": torch.tensor([1]), "scores": torch.tensor([0.5])}
-    t0 = time.perf_counter()
-    outcomes = [cap.offer(image, out, 0.5) for _ in range(5)]
-    assert time.perf_counter() - t0 < 0.5  # never waits for the writer
+    outcomes: list[str | None] = []
+    offering = threading.Thread(target=lambda: outcomes.extend(cap.offer(image, out, 0.5) for _ in range(5)))
+    offering.start()
+    offering.join(30)  # the writer stays stalled until gate.set(): an offer that waited on it never returns
+    assert not offering.is_alive(), "offer() waited for the stalled writer"
     assert outcomes == ["saved", "saved", "queue_full", "queue_full", "queue_full"]
     gate.set()
     cap.flush()
@@ -179,15 +181,10 @@ class PrometheusServer(LocalPrometheus):
         result = requests.get(f"{self.url}/api/v1/query", params=params, timeout=10).json()["data"]["result"]
         return float(result[0]["value"][1]) if result else None
 
-    def wait_for(self, expr: str, expected: float, timeout: float = 30) -> float | None:
-        deadline = time.monotonic() + timeout
-        got = None
-        while time.monotonic() < deadline:
-            got = self.value(expr)
-            if got is not None and abs(got - expected) < 1e-6:
-                return got
-            time.sleep(0.5)
-        return got
+    def wait_for(self, expr: str, expected: float, timeout: float = 60) -> float:
+        """``expr``'s value once it reaches ``expected`` (TimeoutError naming the last value)."""
+        return wait_until(lambda: (lambda v: v if v is not None and abs(v - expected) < 1e-6 else None)(
+            self.value(expr)), timeout, what=f"{expr} == {expected}", interval=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -255,11 +252,9 @@ def test_every_dashboard_query_runs_and_the_png_is_drawn(mon, tmp_path):
         for q in panel.queries:
             body = requests.get(f"{prom.url}/api/v1/query", params={"query": q.expr}, timeout=10).json()
             assert body["status"] == "success", (panel.title, q.expr, body)
-    deadline = time.monotonic() + 30  # a rate needs two scrapes of the series
-    while not (rates := requests.get(f"{prom.url}/api/v1/query", timeout=10, params={
-            "query": "sum by (Class) (rate(DetectionsPerClass[1m]))"}).json()["data"]["result"]):
-        assert time.monotonic() < deadline, "no rate of DetectionsPerClass after 30 s"
-        time.sleep(0.5)
+    rates = wait_until(lambda: requests.get(f"{prom.url}/api/v1/query", timeout=10, params={  # two scrapes
+        "query": "sum by (Class) (rate(DetectionsPerClass[1m]))"}).json()["data"]["result"], 60,
+        what="a rate of DetectionsPerClass", interval=0.5)
     assert {r["metric"]["Class"] for r in rates} >= {"circle", "square"}
     png = dashboard.render(prom.url, tmp_path / "dashboard.png", minutes=2, step=2)
     assert png.stat().st_size > 20_000
@@ -301,7 +296,8 @@ def test_drift_flags_shifted_traffic_and_passes_unshifted(mon, tmp_path):
     def window(bodies: list[bytes]) -> tuple[float, float]:
         before = counted()
         start = time.time()
-        time.sleep(1.5)  # a scrape between the window's start and the first request
+        wait_until(lambda: (prom.value("max(timestamp(up))") or 0) > start, 30, what="a scrape after the "
+                   "window's start")  # so the window's first sample precedes its first request
         send_all(ts, bodies)
         assert prom.wait_for('DetectionsPerImage_count{ModelName="shapes",ModelVersion="1.0"}',
                              before + len(bodies)) == before + len(bodies)
@@ -348,9 +344,7 @@ def test_capture_keeps_uncertain_images_and_collect_makes_a_dataset(mon, tmp_pat
     def written() -> list[dict]:  # the writer thread appends a line after it wrote the image
         return [json.loads(x) for f in root.glob("predictions-*.jsonl") for x in f.read_text().splitlines()]
 
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and len(written()) < 6:
-        time.sleep(0.2)
+    wait_until(lambda: len(written()) >= 6, 60, what="6 captured predictions written", interval=0.2)
     assert len(list((root / "images").glob("*.jpg"))) == 6
     lines = written()
     assert len(lines) == 6 and {d["label"] for d in lines[0]["detections"]} == {"circle", "square", "7"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +15,7 @@ import pytest
 import requests
 
 from serve_demo.archive.builder import build
+from serve_demo.serve.process import wait_until
 from tests.conftest import DEMO_LABELS, DEMO_WEIGHTS, archive_args, encode, make_server, synth_image, workers
 
 pytestmark = pytest.mark.server  # this file's layer (conftest.py: every test declares one)
@@ -57,6 +59,7 @@ def test_worker_killed_mid_load_is_replaced(ts):
     work = bodies(40, seed=100)
     results: list[tuple[float, float, int]] = []  # (sent, answered, status)
     killed_at: list[float] = []
+    eight_answered = threading.Event()
 
     def client(share: list[tuple[bytes, str]]) -> None:
         with requests.Session() as s:
@@ -64,10 +67,11 @@ def test_worker_killed_mid_load_is_replaced(ts):
                 t0 = time.monotonic()
                 r = predict(ts, s, data, ctype)
                 results.append((t0, time.monotonic(), r.status_code))
+                if len(results) >= 8:
+                    eight_answered.set()
 
     def killer() -> None:
-        while len(results) < 8:
-            time.sleep(0.01)
+        assert eight_answered.wait(300), "8 requests were never answered"
         killed_at.append(time.monotonic())
         os.kill(old, signal.SIGKILL)
 
@@ -75,10 +79,8 @@ def test_worker_killed_mid_load_is_replaced(ts):
         futures = [pool.submit(client, work[0::2]), pool.submit(client, work[1::2]), pool.submit(killer)]
         for f in futures:
             f.result(timeout=300)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (worker(ts)["status"] == "READY" and worker(ts)["pid"] != old):
-        time.sleep(0.5)
-    new = worker(ts)
+    new = wait_until(lambda: (lambda w: w if w["status"] == "READY" and w["pid"] != old else None)(worker(ts)),
+                     120, what="a new READY worker")
     assert new["pid"] != old and new["status"] == "READY" and not psutil.pid_exists(old)
     kill = killed_at[0]
     in_flight = [r for r in results if r[0] <= kill <= r[1]]

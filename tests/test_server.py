@@ -73,6 +73,11 @@ def test_multipart_threshold_field(target):
                       data={"threshold": "0.9"}, headers=target.auth("inference"), timeout=60)
     assert r.status_code == 200
     assert all(d["score"] >= 0.9 for d in r.json())
+    low = requests.post(f"{target.inference_url}/predictions/shapes", files={"data": ("a.png", data, "image/png")},
+                        data={"threshold": "0"}, headers=target.auth("inference"), timeout=60)
+    assert low.status_code == 200
+    assert any(d["score"] < 0.9 for d in low.json()), low.json()  # the field, not the default, decided
+    assert len(r.json()) < len(low.json())
 
 
 def test_batch_of_four_sizes_with_one_bad(target):
@@ -212,8 +217,9 @@ def test_oxford_pets_resnet50_model_file_answers_curl(server, pets_mar, tmp_path
         body, code = out.rsplit("\n", 1)
         assert code == "200", body
         dets = json.loads(body)
-        assert isinstance(dets, list)
+        assert isinstance(dets, list) and dets, body  # threshold 0: every detection the model keeps
         assert {next(k for k in d if k != "score") for d in dets} <= {"cat", "dog"}
+        assert all(len(next(v for k, v in d.items() if k != "score")) == 4 for d in dets)
         print(f"pets resnet50: {len(dets)} detections in {time.time() - t0:.1f} s")
     finally:
         ts.stop()

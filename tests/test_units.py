@@ -198,3 +198,34 @@ def test_coming_from_torchserve_table_names_real_tests():
         assert ref[0], f"row names no test: {row[:80]}"
         names = {n.name for n in ast.walk(ast.parse((root / ref[0]).read_text())) if isinstance(n, ast.FunctionDef)}
         assert ref[1] in names, f"{ref[0]} has no {ref[1]}"
+
+
+def test_make_rebuilds_an_archive_when_the_values_that_built_it_change(tmp_path):
+    """The Makefile's archive depends on its arguments (a stamp), not only on files: the same words
+    leave it alone, a new THRESHOLD rebuilds it."""
+    import os
+    import subprocess
+
+    from tests.conftest import DEMO_LABELS, DEMO_WEIGHTS, ROOT
+
+    name = f"stamptest{os.getpid()}"
+    mar = tmp_path / f"{name}-1.0.mar"
+    stamp = ROOT / "build" / "archive-args" / f"{name}-1.0.args"
+
+    def make(threshold: str, *flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "--no-print-directory", *flags, str(mar), f"NAME={name}",
+                               f"MODEL_STORE={tmp_path}", f"WEIGHTS={DEMO_WEIGHTS}", f"LABELS={DEMO_LABELS}",
+                               "RUNTIME=eager", f"THRESHOLD={threshold}"], cwd=ROOT, capture_output=True, text=True)
+
+    try:
+        assert make("0.5", "-q").returncode != 0  # no archive yet; the stamp is written
+        assert "--threshold 0.5" in stamp.read_text()
+        old = DEMO_WEIGHTS.stat().st_mtime
+        os.utime(stamp, (old, old))  # as if archived long ago, then the archive built
+        mar.write_bytes(b"built")
+        assert make("0.5", "-q").returncode == 0, "the same values rebuild it"
+        assert make("0.3", "-q").returncode == 1, "a new threshold leaves the 0.5 archive in place"
+        assert "--threshold 0.3" in stamp.read_text()
+        assert "--threshold 0.3" in make("0.3", "-n").stdout
+    finally:
+        stamp.unlink(missing_ok=True)

@@ -69,7 +69,10 @@ def test_lightning_checkpoint_archived_with_prefix_stripped(tmp_path, lightning_
     assert all(torch.equal(archived[k], state[k]) for k in state)
     detector = Worker.from_archive(mar)
     try:
-        assert isinstance(detector.predict(encode(synth_image(1)), threshold=0.0)["detections"], list)
+        image = synth_image(1)
+        payload = detector.predict(encode(image), threshold=0.0)
+        assert isinstance(payload["detections"], list)
+        assert payload["model"] == "lit" and payload["image_size"] == list(image.size), payload
     finally:
         detector.close()
 
