@@ -337,10 +337,10 @@ def runtime_store(tmp_path_factory, parity_data):
     common = dict(export_path=str(store), build_dir=str(root / "build"), parity_data=str(parity_data),
                   parity_images=8)
     demo = dict(weights=str(DEMO_WEIGHTS), labels=str(DEMO_LABELS), arch="fcos_tiny")
-    build(archive_args(name="shapes", **demo, **common))
+    build(archive_args(name="shapes", runtime="eager", **demo, **common))
     build(archive_args(name="shapes_ort", runtime="onnxruntime", **demo, **common))
     build(archive_args(name="shapes_ov", runtime="openvino", workers=0, threads=0, **demo, **common))
-    build(archive_args(name="masks", weights=str(MASK_WEIGHTS), labels=str(MASK_LABELS),
+    build(archive_args(name="masks", runtime="eager", weights=str(MASK_WEIGHTS), labels=str(MASK_LABELS),
                        arch="maskrcnn_tiny", **common))
     build(archive_args(name="masks_ort", runtime="onnxruntime", weights=str(MASK_WEIGHTS),
                        labels=str(MASK_LABELS), arch="maskrcnn_tiny", **common))

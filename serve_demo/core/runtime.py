@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
 
@@ -245,7 +246,7 @@ class Occupancy:
         folder.mkdir(parents=True, exist_ok=True)
         self.mine = folder / str(os.getpid())
         for p in folder.iterdir():  # markers of workers that died inside a forward pass
-            if p.name.isdigit() and p.name != self.mine.name and not _alive(int(p.name)):
+            if p.name.isdigit() and p.name != self.mine.name and not psutil.pid_exists(int(p.name)):
                 p.unlink(missing_ok=True)
 
     @contextlib.contextmanager
@@ -259,16 +260,6 @@ class Occupancy:
         finally:
             choice.use_wide = False
             self.mine.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class CompiledPart(nn.Module):
