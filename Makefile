@@ -141,9 +141,11 @@ train-masks: data-masks ## retrain the committed mask model from the demo's back
 # The archive depends on the values that build it too: ARCHIVE_ARGS is kept in a stamp, rewritten when
 # it changes (make demo THRESHOLD=0.3 after make demo rebuilds a 0.3 archive).
 ARCHIVE_STAMP = build/archive-args/$(NAME)-$(VERSION).args
+ifneq ($(NAME),)  # empty only before build/defaults.mk exists (make then restarts with it)
 ifneq ($(file <$(ARCHIVE_STAMP)),$(strip $(ARCHIVE_ARGS)))
 $(shell mkdir -p build/archive-args)
 $(file >$(ARCHIVE_STAMP),$(strip $(ARCHIVE_ARGS)))
+endif
 endif
 
 $(MAR): $(ARCHIVE_STAMP) $(WEIGHTS) $(LABELS) $(wildcard serve_demo/core/*.py serve_demo/archive/*.py handlers/*.py) \
