@@ -30,9 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from detector_handler import TorchServeSink  # noqa: E402 - handlers/ is on the path
 
 from serve_demo.core.capture import CaptureConfig, Capturer  # noqa: E402
+from serve_demo.core.torchserve_metrics import TorchServeSink  # noqa: E402
 from serve_demo.core.worker import Worker  # noqa: E402
 from serve_demo.serve.kserve_server import PrometheusSink  # noqa: E402
 

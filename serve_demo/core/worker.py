@@ -109,7 +109,7 @@ class Worker:
         self.occupancy = Occupancy(Path(tempfile.gettempdir()) / f"serve_demo-busy-{self.name}-{self.version}") \
             if self.choice else None
         self.stats = observe.BatchStats()
-        # the server's metrics: the handler's TorchServeSink, the KServe server's PrometheusSink
+        # the server's metrics: torchserve_metrics.TorchServeSink, the KServe server's PrometheusSink
         self.sink: observe.Sink | None = None
         capture = self.cfg.capture_config
         self.capturer = Capturer(capture, self.name, self.version, self.names) if capture.enabled else None
