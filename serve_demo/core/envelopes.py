@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 MAX_INSTANCES = defaults.MAX_INSTANCES
 MAX_ENVELOPE_BYTES = 64 << 20  # a JSON envelope larger than this is not parsed (requests are capped lower)
+MAX_JSON_DEPTH = 32  # nesting of a JSON body (v2's data may nest its images, a few levels); deeper gets 400
 BINARY_HEADER = "Inference-Header-Content-Length"
 OUTPUT_NAME = "detections"
 
@@ -71,10 +72,13 @@ def _decode_binary(body: bytes, size: str) -> dict:
     n = int(size)
     try:
         envelope = json.loads(bytes(body[:n]))
+    except RecursionError:
+        raise too_deep() from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise _bad(f"the first {n} bytes ({BINARY_HEADER}) are not a JSON inference header: {exc}") from None
     if not isinstance(envelope, dict) or not isinstance(envelope.get("inputs"), list):
         raise _bad(f'the inference header must be an object with "inputs" ({BINARY_HEADER} given)')
+    check_depth(envelope)
     offset = n
     for tensor in envelope["inputs"]:
         params = tensor.get("parameters") if isinstance(tensor, dict) else None
@@ -114,7 +118,8 @@ def envelope_of(row: dict, headers: dict) -> dict | None:
             does not hold one.
     """
     key, body = _raw_body(row)
-    if isinstance(body, dict):
+    if isinstance(body, dict):  # JSON a frontend already parsed
+        check_depth(body)
         return body if {"instances", "inputs"} & set(body) else None
     if not isinstance(body, (bytes, bytearray)):
         return None
@@ -127,11 +132,14 @@ def envelope_of(row: dict, headers: dict) -> dict | None:
         return None
     try:
         parsed = json.loads(bytes(body))
+    except RecursionError:
+        raise too_deep() from None
     except (ValueError, UnicodeDecodeError) as exc:
         if ctype.endswith("json"):
             raise RequestError(400, "invalid_json", f"the body is not valid JSON ({exc}): send a KServe "
                                'v1 {"instances": [...]} or v2 {"inputs": [...]} document, or an image') from None
         return None
+    check_depth(parsed)
     if isinstance(parsed, dict) and {"instances", "inputs"} & set(parsed):
         return parsed
     if isinstance(parsed, dict):  # JSON such as {"data": "<base64>"}: the plain path reads it
@@ -154,10 +162,36 @@ def _images_v1(body: dict) -> list[Any]:
     return out
 
 
+def too_deep() -> RequestError:
+    return RequestError(400, "json_too_deep", f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels: send "
+                        'a KServe v1 {"instances": [...]} or v2 {"inputs": [...]} document as documented')
+
+
+def check_depth(obj: Any, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse JSON nested deeper than ``limit`` (iterative: any depth is safe to measure).
+
+    Raises:
+        RequestError: 400 ``json_too_deep``.
+    """
+    stack = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                raise too_deep()
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+
+
 def _flatten(data: Any) -> list[Any]:
-    if isinstance(data, list):
-        return [x for item in data for x in _flatten(item)]
-    return [data]
+    """The leaves of nested lists, in order (iterative; the depth is bounded by :func:`check_depth`)."""
+    out, stack = [], [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            out.append(item)
+    return out
 
 
 def _images_v2(body: dict) -> list[Any]:
@@ -175,7 +209,7 @@ def _images_v2(body: dict) -> list[Any]:
 
 
 def v2_options(params: Any) -> dict[str, str]:
-    """Per-request options from a v2 ``parameters`` object (threshold, formats)."""
+    """Per-request options from a ``parameters`` object (v2's, and the same key in v1): threshold, formats."""
     options = {}
     if isinstance(params, dict):
         for key in ("threshold", "response_format", "mask_threshold"):
@@ -198,7 +232,7 @@ def parse_row(row: dict, headers: dict, cfg: HandlerConfig, device: torch.device
     if len(images) > MAX_INSTANCES:
         raise RequestError(413, "too_many_images", f"{len(images)} images in one request; at most "
                            f"{MAX_INSTANCES}: split the request")
-    options = v2_options(body.get("parameters")) if protocol == "v2" else {}
+    options = v2_options(body.get("parameters"))  # v1 and v2 alike
     requests = []
     for i, image in enumerate(images):
         try:

@@ -77,26 +77,62 @@ class Request:
     image_type: str = "jpeg"  # image answers: "jpeg" or "png"
 
 
-def _option(row: dict, headers: dict, header_name: str, field_name: str) -> tuple[Any, str]:
-    """A per-request option from its header, else its multipart/JSON field; and where it came from."""
+def _text(value: Any) -> str:
+    return bytes(value).decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def _option(row: dict, headers: dict, header_name: str, field_name: str,
+            normal: Any = lambda v: _text(v).strip().lower()) -> tuple[Any, str]:
+    """A per-request option and where it came from: its header, a form / ``parameters`` field, or a
+    field of a plain JSON body. Any one place will do; two places that disagree are refused.
+
+    Raises:
+        RequestError: 400 ``conflicting_option`` naming both places and values.
+    """
+    given = []
     raw = header(headers, header_name)
-    if raw is None and row.get(field_name) is not None:
-        return row[field_name], f"the {field_name} field"
-    return raw, header_name
+    if raw is not None:
+        given.append((raw, header_name))
+    if row.get(field_name) is not None:
+        given.append((row[field_name], f"the {field_name} field"))
+    for key in ("body", "data"):  # a plain JSON body, parsed (core.envelopes.envelope_of)
+        body = row.get(key)
+        if isinstance(body, dict) and body.get(field_name) is not None:
+            given.append((body[field_name], f"the JSON body's {field_name}"))
+    if not given:
+        return None, header_name
+    first, source = given[0]
+    for value, where in given[1:]:
+        if normal(value) != normal(first):
+            raise RequestError(400, "conflicting_option",
+                               f"{source} says {_text(first)[:40]!r} but {where} says {_text(value)[:40]!r}: "
+                               "give the option once")
+    return first, source
+
+
+def _threshold_value(value: Any) -> float | str:
+    try:
+        return float(_text(value).strip())
+    except ValueError:
+        return _text(value)
 
 
 def parse_request(row: dict, headers: dict, cfg: HandlerConfig,
                   device: torch.device | None = None) -> Request:
     """Decode one row of a batch and its options (on ``device`` with ``cfg.gpu_decode`` and CUDA).
 
+    Options (threshold, mask threshold, response format) come from a header, a form or
+    ``parameters`` field, or a plain JSON body's field, whichever is given; given twice, the values
+    must agree.
+
     Raises:
         RequestError: any client mistake, with the HTTP code to answer.
     """
     threshold, mask_threshold = cfg.threshold, cfg.mask_threshold
-    raw, source = _option(row, headers, "X-Threshold", "threshold")
+    raw, source = _option(row, headers, "X-Threshold", "threshold", _threshold_value)
     if raw is not None:
         threshold = parse_threshold(raw, source)
-    raw, source = _option(row, headers, "X-Mask-Threshold", "mask_threshold")
+    raw, source = _option(row, headers, "X-Mask-Threshold", "mask_threshold", _threshold_value)
     if raw is not None:
         mask_threshold = parse_threshold(raw, source)
     fmt, _ = _option(row, headers, "X-Response-Format", "response_format")

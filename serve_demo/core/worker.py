@@ -9,7 +9,8 @@ A batch goes through four stages, each a method a subclass may override (as Torc
 ``BaseHandler`` offers ``preprocess / inference / postprocess``)::
 
     decode(rows, headers) -> [Parsed | Answer]   one request each; a bad one is already its 4xx Answer
-    infer(images)         -> [raw output]        every good image of the batch at once (a list)
+    infer(images)         -> [raw output]        every good image of the batch at once (a list); if that
+                                                 raises, one by one, so only the culprit gets its 422
     encode(parsed, outs)  -> Answer              threshold (pipeline.select), format, envelope, size limit
     observe(out, kept, r)                        metrics, drift statistics, capture of uncertain images
 
@@ -158,17 +159,54 @@ class Worker:
                 log.info("request %d refused: %d %s: %s", i, err.code, err.kind, err.message)
         return out
 
-    def infer(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Stage 2: the model on every image at once (mixed sizes: a list, never stacked); raw outputs."""
+    def infer(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor] | RequestError]:
+        """Stage 2: the model on every image at once (mixed sizes: a list, never stacked); raw outputs.
+
+        When the batch's forward pass raises, each image runs alone, so that only the one the model
+        cannot take (an aspect ratio its resize turns into a zero-pixel side) fails: its place holds
+        the 422 :class:`RequestError` its request will answer. Running out of GPU memory is not the
+        image's fault and is raised.
+        """
         if not images:
             return []
+        try:
+            return self._run(images)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one image must not fail its batch
+            if len(images) == 1:
+                return [self._unprocessable(images[0], exc)]
+            log.warning("a batch of %d images failed (%s: %s); running them one by one", len(images),
+                        type(exc).__name__, exc)
+        out: list[dict[str, torch.Tensor] | RequestError] = []
+        for image in images:
+            try:
+                out.extend(self._run([image]))
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                out.append(self._unprocessable(image, exc))
+        return out
+
+    def _run(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         return run_detector(self.model, images, self.device, self.cfg.fp16, self.cfg.pin_memory)
 
-    def encode(self, parsed: Parsed, outputs: list[dict[str, torch.Tensor]]) -> Answer:
+    def _unprocessable(self, image: torch.Tensor, exc: Exception) -> RequestError:
+        h, w = image.shape[-2:]
+        log.warning("the model failed on a %dx%d image: %s: %s", w, h, type(exc).__name__, exc)
+        return RequestError(422, "image_not_processable",
+                            f"the model cannot run on this {w}x{h} image ({type(exc).__name__}: {str(exc)[:160]}); "
+                            "an aspect ratio this extreme or a side this small is not servable: crop or pad it")
+
+    def encode(self, parsed: Parsed, outputs: list[dict[str, torch.Tensor] | RequestError]) -> Answer:
         """Stage 3: one request's answer from its images' raw outputs: the threshold applied once
         (:func:`~serve_demo.core.pipeline.select`), each image formatted, wrapped in the request's
         protocol; then :meth:`observe`. A request whose answer cannot be made (a drawn image over the
         size limit) gets its 4xx."""
+        failed = next((o for o in outputs if isinstance(o, RequestError)), None)
+        if failed is not None:  # an image the model could not take fails its whole request
+            self.stats.refused.append(failed.kind)
+            return Answer(failed.code, error_answer(failed, parsed.protocol != "plain"), failed.kind)
         kept = [select(o, r.threshold) for o, r in zip(outputs, parsed.requests)]
         try:
             payloads = [self.format_kept(k, r) for k, r in zip(kept, parsed.requests)]
@@ -234,12 +272,14 @@ class Worker:
             t1 = time.perf_counter()
             if len(rows) > 1:
                 log.info("batch of %d requests (%d refused)", len(rows), len(rows) - len(parsed))
-            outputs = iter(self.infer([r.image for p in parsed for r in p.requests]))
+            images = [r.image for p in parsed for r in p.requests]
+            outputs = iter(self.infer(images))
             t2 = time.perf_counter()
             answers = [d if isinstance(d, Answer) else self.encode(d, [next(outputs) for _ in d.requests])
                        for d in decoded]
-            self.stats.decode_s, self.stats.model_s = t1 - t0, t2 - t1
-            self.stats.encode_s = time.perf_counter() - t2
+            self.stats.decode_s = t1 - t0
+            if images:  # a batch of refusals never reached the model
+                self.stats.model_s, self.stats.encode_s = t2 - t1, time.perf_counter() - t2
             if self.sink is not None:
                 observe.emit(self.stats, self.name, self.version, self.sink)
             return answers
@@ -257,6 +297,8 @@ class Worker:
         with self._inside():
             req = parse_request({"body": data}, headers, self.cfg, self.device)
             output = self.infer([req.image])[0]
+            if isinstance(output, RequestError):
+                raise output
             return self.format_kept(select(output, req.threshold), req)
 
     def _inside(self) -> contextlib.AbstractContextManager:
