@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .coco import ANNOTATIONS
 from serve_demo.core.masks import encode
+
+from .coco import ANNOTATIONS
 
 log = logging.getLogger(__name__)
 
