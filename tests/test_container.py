@@ -155,8 +155,9 @@ def connected(port: int) -> int:
     """This process's established TCP connections to ``port`` (requests sent, not yet answered)."""
     import psutil
 
-    return sum(1 for c in psutil.Process().net_connections("tcp")
-               if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == port)
+    proc = psutil.Process()
+    conns = (getattr(proc, "net_connections", None) or proc.connections)("tcp")  # psutil < 6: connections
+    return sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == port)
 
 
 @pytest.mark.server
