@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -145,3 +148,99 @@ def test_a_threshold_in_a_plain_json_body_is_honoured(target):
     assert low.status_code == high.status_code == 200, (low.text[:200], high.text[:200])
     assert any(d["score"] < 0.99 for d in low.json()) and all(d["score"] >= 0.99 for d in high.json())
     assert len(high.json()) < len(low.json())
+
+
+# --- the management guard (serve/guard.py): our promises about the management API ---------------
+
+@pytest.fixture(params=["torchserve", "container"])
+def managed(request):
+    """The servers with a management API: the local TorchServe and the image."""
+    return request.getfixturevalue({"torchserve": "server", "container": "served_container"}[request.param])
+
+
+UP = "%2e%2e/" * 6
+MANAGEMENT_CASES = [  # (name, method, path and query, what the message names)
+    ("file URL out of the store by %2e%2e", "POST", "/models?url=file://{store}/%2e%2e/%2e%2e/elsewhere/x.mar",
+     "not an archive in the model store"),
+    ("plain name out of the store by %2e%2e", "POST", "/models?url=%2e%2e/%2e%2e/elsewhere/x.mar",
+     "not an archive in the model store"),
+    ("double-encoded dots", "POST", "/models?url=%252e%252e/%252e%252e/elsewhere/x.mar", "not an archive"),
+    ("/etc/passwd by %2e%2e", "POST", f"/models?url={UP}etc/passwd", "not an archive in the model store"),
+    ("/etc by %2e%2e", "POST", f"/models?url={UP}etc", "not an archive in the model store"),
+    ("an http URL", "POST", "/models?url=http://127.0.0.1:1/x.mar", "no http:// URLs"),
+    ("registry.json", "POST", "/models?url=registry.json", "not a .mar file"),
+    (".gitkeep", "POST", "/models?url=.gitkeep", "not a .mar file"),
+    ("model name with ../", "POST", "/models?url=shapes-1.0.mar&model_name=..%2F..%2Fevilname", "is not a name"),
+    ("min_worker -5", "PUT", "/models/shapes?min_worker=-5", "whole number from 0 to"),
+    ("1000 workers", "PUT", "/models/shapes?min_worker=1000&max_worker=1000", "whole number from 0 to"),
+    ("min above max", "PUT", "/models/shapes?min_worker=2&max_worker=1", "is above max_worker"),
+    ("encoded name in the path", "PUT", "/models/%2e%2e%2fshapes?min_worker=1", "is not a name"),
+]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("name,method,target,names", MANAGEMENT_CASES, ids=[c[0] for c in MANAGEMENT_CASES])
+def test_management_guard_refuses_what_torchserve_would_take(managed, tmp_path, name, method, target, names):
+    ts = managed
+    store = getattr(ts, "model_store", None)
+    if store is not None and "elsewhere" in target:  # the archive outside the store exists: only the guard stops it
+        elsewhere = Path(store).parent / "elsewhere"
+        elsewhere.mkdir(exist_ok=True)
+        shutil.copy(Path(store) / "shapes-1.0.mar", elsewhere / "x.mar")
+    listing = sorted(p.name for p in Path(store).iterdir()) if store is not None else None
+    h = ts.auth()
+    models = requests.get(f"{ts.management_url}/models", headers=h, timeout=10).json()
+    before = [w["pid"] for w in workers(ts, "shapes")]
+    url = ts.management_url + target.format(store=store or "/home/model-server/model-store")
+    r = requests.request(method, url, headers=h, timeout=60)
+    assert r.status_code == 400, f"{name}: {r.status_code} {r.text[:300]}"
+    assert names in r.json()["message"], r.json()
+    assert requests.get(f"{ts.management_url}/models", headers=h, timeout=10).json() == models
+    assert [w["pid"] for w in workers(ts, "shapes")] == before
+    if listing is not None:
+        assert sorted(p.name for p in Path(store).iterdir()) == listing  # nothing copied in
+    assert post(ts, "shapes", GOOD).status_code == 200
+
+
+@pytest.mark.server
+def test_management_guard_forwards_what_is_allowed(server):
+    """Scaling within the machine and describing a model pass through, answered by TorchServe."""
+    h = server.auth()
+    r = requests.put(f"{server.management_url}/models/shapes?min_worker=1&max_worker=1&synchronous=true",
+                     headers=h, timeout=120)
+    assert r.status_code == 200, r.text
+    desc = requests.get(f"{server.management_url}/models/shapes", headers=h, timeout=10)
+    assert desc.status_code == 200 and desc.json()[0]["modelName"] == "shapes"
+    assert requests.get(f"{server.management_url}/models", timeout=10).status_code in (400, 401)  # still keyed
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("method,target,expected", [
+    ("POST", "/models?url=shapes-1.0.mar&initial_workers=1", "/models?url=shapes-1.0.mar&initial_workers=1"),
+    ("POST", "/models?url=file://{store}/shapes-1.0.mar", "/models?url=shapes-1.0.mar"),
+    ("POST", "/models?url=file://{store}/sub/%2e%2e/shapes-1.0.mar", "/models?url=shapes-1.0.mar"),
+    ("PUT", "/models/shapes/1.0/set-default", "/models/shapes/1.0/set-default"),
+    ("GET", "/models?limit=10", "/models?limit=10"),
+    ("PUT", "/models/shapes?min_worker=0&max_worker=2", "/models/shapes?min_worker=0&max_worker=2"),
+])
+def test_guard_forwards_the_canonical_form(tmp_path, method, target, expected):
+    from serve_demo.serve.guard import canonical
+
+    (tmp_path / "shapes-1.0.mar").write_bytes(b"zip")
+    (tmp_path / "sub").mkdir()
+    assert canonical(method, target.format(store=tmp_path), tmp_path, limit=2) == expected
+
+
+@pytest.mark.unit
+def test_guard_refuses_a_symlink_out_of_the_store(tmp_path):
+    from serve_demo.serve.guard import Refused, canonical
+
+    store, outside = tmp_path / "store", tmp_path / "outside.mar"
+    store.mkdir()
+    outside.write_bytes(b"zip")
+    (store / "link.mar").symlink_to(outside)
+    with pytest.raises(Refused, match="not an archive in the model store"):
+        canonical("POST", "/models?url=link.mar", store, limit=2)
+    for target in [c[2] for c in MANAGEMENT_CASES]:
+        with pytest.raises(Refused):
+            canonical("POST" if "url=" in target else "PUT", target.format(store=store), store, limit=2)

@@ -172,6 +172,7 @@ class Supervisor:
         cmd = [exe, "--foreground", "--ncs", "--ts-config", str(config), "--model-store", str(self.ts.model_store)]
         log.info("starting TorchServe: %s", " ".join(cmd))
         self.proc = subprocess.Popen(cmd, env=self.ts.env(), cwd=self.ts.home, stdin=subprocess.DEVNULL)
+        self.ts.start_guard()
 
     def on_signal(self, signum: int, _frame) -> None:
         if not self.stopping.is_set():
@@ -181,6 +182,7 @@ class Supervisor:
 
     def stop(self) -> None:
         drain_and_stop(self.ts.pid(), self.ts.inference_port, self.drain, self.kill_after)
+        self.ts.guard_process.stop(self.kill_after)
         if self.proc is not None:
             try:
                 self.proc.wait(self.kill_after)

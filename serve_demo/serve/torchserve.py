@@ -13,17 +13,19 @@ import functools
 import logging
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
 from serve_demo.core import defaults
-from serve_demo.core.layout import WORKERS_ENV, count_gpus, cpu_layout, gpu_layout
+from serve_demo.core.layout import WORKERS_ENV, available_cpus, count_gpus, cpu_layout, gpu_layout
 
-from .process import bearer, executable, free_ports, log_tail, stop_pid, wait_until
+from .process import Background, bearer, executable, free_ports, log_tail, stop_pid, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ class TorchServe:
     base_config: Path = BASE_CONFIG
     overrides: dict[str, str] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)  # e.g. TS_* config overrides
+    guard: bool = True  # the management guard (serve/guard.py) answers on the management address
+    upstream_management_port: int = 0  # TorchServe's own management listener, private loopback; 0: a free one
+    guard_listen: str = field(default="", init=False)  # HOST:PORT the guard listens on (from the config)
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).resolve()
@@ -132,6 +137,12 @@ class TorchServe:
         if logging_config.is_file() and "-Dlog4j.configurationFile=" not in props["vmargs"]:
             props["vmargs"] += f" -Dlog4j.configurationFile={logging_config}"
         props.update(self.overrides)
+        if self.guard:  # clients reach the guard where they expect the API; TorchServe's own is private
+            public = urlsplit(props["management_address"])
+            self.guard_listen = f"{public.hostname or '127.0.0.1'}:{public.port or self.management_port}"
+            if not self.upstream_management_port:
+                self.upstream_management_port = free_ports(1)[0]
+            props["management_address"] = f"http://127.0.0.1:{self.upstream_management_port}"
         self.home.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(exist_ok=True)
         path = self.home / "config.properties"
@@ -162,6 +173,26 @@ class TorchServe:
         out = open(self.home / "torchserve.out", "ab")
         subprocess.run(cmd, env=self.env(), cwd=self.home, stdout=out, stderr=subprocess.STDOUT,
                        check=True, stdin=subprocess.DEVNULL)
+        self.start_guard()
+
+    @property
+    def guard_process(self) -> Background:
+        return Background("management guard", self.home / "guard.pid", self.home / "guard.log")
+
+    @functools.cached_property
+    def max_workers(self) -> int:
+        """The most workers a model may be scaled to here: one per CPU, or four per GPU."""
+        return max(available_cpus(), 4 * count_gpus())
+
+    def start_guard(self) -> None:
+        """Start the management guard in front of the JVM's management API (after :meth:`write_config`)."""
+        if not self.guard:
+            return
+        self.guard_process.stop()  # one left by a killed server would hold the port
+        self.guard_process.start([sys.executable, "-m", "serve_demo.serve.guard", "--listen", self.guard_listen,
+                                  "--upstream", f"127.0.0.1:{self.upstream_management_port}",
+                                  "--store", str(self.model_store), "--max-workers", str(self.max_workers)],
+                                 env=self.env())
 
     def key(self, kind: str = "management") -> str | None:
         """This instance's ``management`` or ``inference`` key (None when token authorization is off)."""
@@ -225,4 +256,5 @@ class TorchServe:
             return False
         subprocess.run([executable("torchserve"), "--stop"], env=self.env(), cwd=self.home, capture_output=True)
         stop_pid(pid, timeout, sig=None, what="TorchServe")
+        self.guard_process.stop()
         return True
