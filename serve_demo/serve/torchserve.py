@@ -98,6 +98,8 @@ class TorchServe:
                     "METRICS_LOCATION": str(self.home / "logs")})
         env[WORKERS_ENV] = str(self.default_workers)
         env.update(self.environment)
+        if self.guard and self.upstream_management_port:  # TS_MANAGEMENT_ADDRESS would beat the config
+            env["TS_MANAGEMENT_ADDRESS"] = f"http://127.0.0.1:{self.upstream_management_port}"
         return env
 
     @functools.cached_property
