@@ -187,7 +187,12 @@ def test_read_only_with_4g_serves_and_sigterm_drains(engine, image, container_st
         for t in threads:
             t.start()
         port = int(c.inference_url.rsplit(":", 1)[1])
-        wait_until(lambda: connected(port) >= 12, 30, what="12 connections to the container")  # all 12 queued
+
+        def all_sent() -> bool:  # each of the 12 is in flight or answered (answers first: never counted twice)
+            done = len(answers)
+            return done + connected(port) >= 12
+
+        wait_until(all_sent, 30, what="12 requests sent to the container")
         t0 = time.monotonic()
         engine("kill", "--signal", "TERM", c.name)
         for t in threads:
