@@ -183,8 +183,11 @@ class PrometheusServer(LocalPrometheus):
 
     def wait_for(self, expr: str, expected: float, timeout: float = 60) -> float:
         """``expr``'s value once it reaches ``expected`` (TimeoutError naming the last value)."""
-        return wait_until(lambda: (lambda v: v if v is not None and abs(v - expected) < 1e-6 else None)(
-            self.value(expr)), timeout, what=f"{expr} == {expected}", interval=0.5)
+        def reached() -> float | None:
+            value = self.value(expr)
+            return value if value is not None and abs(value - expected) < 1e-6 else None
+
+        return wait_until(reached, timeout, what=f"{expr} == {expected}", interval=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -79,8 +79,11 @@ def test_worker_killed_mid_load_is_replaced(ts):
         futures = [pool.submit(client, work[0::2]), pool.submit(client, work[1::2]), pool.submit(killer)]
         for f in futures:
             f.result(timeout=300)
-    new = wait_until(lambda: (lambda w: w if w["status"] == "READY" and w["pid"] != old else None)(worker(ts)),
-                     120, what="a new READY worker")
+    def replaced() -> dict | None:
+        w = worker(ts)
+        return w if w["status"] == "READY" and w["pid"] != old else None
+
+    new = wait_until(replaced, 120, what="a new READY worker")
     assert new["pid"] != old and new["status"] == "READY" and not psutil.pid_exists(old)
     kill = killed_at[0]
     in_flight = [r for r in results if r[0] <= kill <= r[1]]

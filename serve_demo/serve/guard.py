@@ -108,10 +108,8 @@ def canonical(method: str, target: str, store: Path, limit: int) -> str:
     """
     parts = urlsplit(target)
     segments = [s for s in parts.path.split("/") if s]
-    if segments and segments[0] == "models":
-        for i, seg in enumerate(segments[1:3]):
-            check_name(seg, "model name" if i == 0 else "version")
-        segments = [decoded(s) for s in segments]
+    if segments and segments[0] == "models":  # /models/NAME[/VERSION[/set-default]]
+        segments[1:3] = [check_name(seg, "model name" if i == 0 else "version") for i, seg in enumerate(segments[1:3])]
     params = dict(parse_qsl(parts.query, keep_blank_values=True))
     if "model_name" in params:
         params["model_name"] = check_name(params["model_name"], "model_name")
