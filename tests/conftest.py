@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from serve_demo.data.synth import SynthConfig, render_image
 from serve_demo.serve import container
 from serve_demo.serve.container import Engine, RunSpec
 from serve_demo.serve.kserve_local import KServeServer
-from serve_demo.serve.process import free_ports
+from serve_demo.serve.process import free_ports, wait_until
 from serve_demo.serve.torchserve import TorchServe, read_properties
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +106,21 @@ def kserve(tmp_path_factory, model_store):
                                     ["shapes-1.0.mar", "shapes_b4-1.0.mar", "fixed-1.0.mar"])
     with ks.running(180):
         yield ks
+
+
+@pytest.fixture(scope="session")
+def ui(server):
+    """The page and its proxy (``make ui``'s server) on a free loopback port, for the test TorchServe (its keys)."""
+    from serve_demo.serve.ui import create_app, web_server
+
+    (port,) = free_ports(1)
+    web = web_server(create_app(server.inference_url, server.management_url, server.home), port)
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    wait_until(lambda: web.started, 30, what="the UI server")
+    yield f"http://127.0.0.1:{port}"
+    web.should_exit = True
+    thread.join(10)
 
 
 @dataclass

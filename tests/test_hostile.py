@@ -11,8 +11,12 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -20,10 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from serve_demo.core import defaults
 from serve_demo.core.config import HandlerConfig
 from serve_demo.core.envelopes import MAX_JSON_DEPTH, parse_row
 from serve_demo.core.imaging import RequestError
 from serve_demo.core.pipeline import parse_request
+from serve_demo.serve.process import free_ports, wait_until
 from tests.conftest import encode, post, synth_image, workers
 
 CFG = HandlerConfig()
@@ -118,6 +124,9 @@ HOSTILE = [  # (name, body, headers, status, error type)
     ("threshold twice, disagreeing", lambda: json.dumps({"data": B64, "threshold": 0.9}).encode(),
      {"X-Threshold": "0.1"}, 400, "conflicting_option"),
 ]
+# The same JSON labelled application/json: TorchServe's worker then parses it itself before the handler
+HOSTILE += [(f"{name} as application/json", make, {**headers, "Content-Type": "application/json"}, code, kind)
+            for name, make, headers, code, kind in HOSTILE if kind != "image_not_processable"]
 
 
 @pytest.mark.server
@@ -244,3 +253,169 @@ def test_guard_refuses_a_symlink_out_of_the_store(tmp_path):
     for target in [c[2] for c in MANAGEMENT_CASES]:
         with pytest.raises(Refused):
             canonical("POST" if "url=" in target else "PUT", target.format(store=store), store, limit=2)
+
+
+# --- slow clients: cut where we own the listener, measured where TorchServe does -----------------
+
+class Dribbler(threading.Thread):
+    """One slow client: sends ``head``, then ``drip`` each second, and records the answer and when it was closed."""
+
+    def __init__(self, url: str, head: bytes, drip: bytes | None, hold: float = 60) -> None:
+        super().__init__(daemon=True)
+        parts = urlsplit(url)
+        self.address, self.head, self.drip, self.hold = (parts.hostname, parts.port), head, drip, hold
+        self.answer, self.closed_after = b"", None
+
+    def run(self) -> None:
+        with socket.create_connection(self.address, timeout=10) as s:
+            t0 = time.monotonic()
+            s.sendall(self.head)
+            s.settimeout(1)
+            while time.monotonic() - t0 < self.hold:
+                try:
+                    chunk = s.recv(65536)
+                except TimeoutError:
+                    try:
+                        if self.drip:
+                            s.sendall(self.drip)
+                        continue
+                    except OSError:
+                        chunk = b""
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    self.closed_after = time.monotonic() - t0
+                    return
+                self.answer += chunk
+
+
+def slow_headers(path: str) -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
+
+
+def slow_body(path: str) -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n".encode() + b"x" * 100
+
+
+LISTENERS = {  # what a slow client holds open, and a normal request on the same listener
+    "kserve": lambda ts, ks, ui: (ks.inference_url, "/predictions/shapes",
+                                  lambda: post(ks, "shapes", GOOD).status_code),
+    "guard": lambda ts, ks, ui: (ts.management_url, "/models",
+                                 lambda: requests.get(f"{ts.management_url}/models", headers=ts.auth(),
+                                                      timeout=10).status_code),
+    "ui": lambda ts, ks, ui: (ui, "/api/predict", lambda: requests.get(f"{ui}/api/models", timeout=10).status_code),
+}
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("listener", list(LISTENERS))
+def test_slow_clients_are_cut_where_we_own_the_listener(server, kserve, ui, listener):
+    """Headers dribbled a byte a second get 408 after the header deadline; a stalled body is closed."""
+    url, path, normal = LISTENERS[listener](server, kserve, ui)
+    loris = [Dribbler(url, slow_headers(path), b"X-a: b\r\n") for _ in range(5)]
+    stalled = Dribbler(url, slow_body(path), None)
+    for d in [*loris, stalled]:
+        d.start()
+    time.sleep(2)
+    assert normal() == 200  # served while the slow ones are held
+    for d in [*loris, stalled]:
+        d.join(defaults.HEADER_TIMEOUT_S + 20)
+    for d in loris:
+        assert d.closed_after is not None, f"{listener}: a slow-header client still open after {d.hold} s"
+        assert defaults.HEADER_TIMEOUT_S - 1 <= d.closed_after <= defaults.HEADER_TIMEOUT_S + 8, d.closed_after
+        status, _, body = d.answer.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 408"), d.answer[:200]
+        assert json.loads(body)["type"] == "request_timeout"
+    assert stalled.closed_after is not None and stalled.closed_after <= defaults.BODY_IDLE_TIMEOUT_S + 8, \
+        (stalled.closed_after, stalled.answer[:200])
+    assert normal() == 200
+
+
+@pytest.mark.server
+def test_torchserve_inference_listener_keeps_slow_header_clients(server):
+    """Measured, and pinned so that docs/security.md stays true: netty has no header timeout.
+
+    Twenty connections that dribble a header line a second are all still open after 15 s (past our
+    own listeners' deadline); normal requests are served meanwhile. The mitigation is a proxy or
+    ingress with a header timeout in front of the inference port.
+    """
+    loris = [Dribbler(server.inference_url, slow_headers("/predictions/shapes"), b"X-a: b\r\n", hold=15)
+             for _ in range(20)]
+    for d in loris:
+        d.start()
+    time.sleep(2)
+    assert post(server, "shapes", GOOD).status_code == 200
+    for d in loris:
+        d.join(30)
+    assert [d.closed_after for d in loris] == [None] * 20, [d.answer[:100] for d in loris]
+    assert post(server, "shapes", GOOD).status_code == 200
+
+
+async def echo_length(scope, receive, send) -> None:
+    """A tiny ASGI app: answers the length of the body it read."""
+    if scope["type"] != "http":
+        return
+    size, more = 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        size, more = size + len(message.get("body", b"")), message.get("more_body", False)
+    body = str(size).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+def deadline_server():
+    """uvicorn with our protocol and one-second limits, in this process, on a free loopback port."""
+    import uvicorn
+
+    from serve_demo.serve.deadlines import protocol
+
+    (port,) = free_ports(1)
+    web = uvicorn.Server(uvicorn.Config(echo_length, host="127.0.0.1", port=port, log_level="warning",
+                                        http=protocol(header_timeout=1, body_idle_timeout=1)))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    wait_until(lambda: web.started, 30, what="uvicorn")
+    yield f"http://127.0.0.1:{port}"
+    web.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.integration
+def test_a_slow_but_steady_upload_is_not_cut(deadline_server):
+    """Ten chunks half a second apart (5 s in all, five times the idle limit) are read and answered."""
+    parts = urlsplit(deadline_server)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(10):
+            time.sleep(0.5)
+            s.sendall(b"y" * 100)
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\n1000"), answer
+
+
+@pytest.mark.integration
+def test_a_kept_alive_connection_gets_a_new_header_deadline(deadline_server):
+    """After one answered request the connection may idle (keep-alive); its next request's headers are timed."""
+    parts = urlsplit(deadline_server)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        assert s.recv(65536).endswith(b"\r\n\r\n3")
+        time.sleep(2)  # idle past the header limit: uvicorn's keep-alive (5 s) applies, not ours
+        t0 = time.monotonic()
+        s.sendall(b"POST / HTTP/1.1\r\n")
+        answer = s.recv(65536)
+        waited = time.monotonic() - t0
+        assert answer.startswith(b"HTTP/1.1 408") and s.recv(100) == b""
+    assert 0.8 <= waited <= 5, waited
+
+
+@pytest.mark.integration
+def test_a_connection_that_sends_nothing_is_closed(deadline_server):
+    parts = urlsplit(deadline_server)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
+        assert s.recv(65536).startswith(b"HTTP/1.1 408")

@@ -5,36 +5,13 @@ change, upload a text file, see the server's error. A screenshot is saved."""
 from __future__ import annotations
 
 import shutil
-import threading
-import time
 
 import pytest
 import requests
 
-from serve_demo.serve.process import free_ports
 from tests.conftest import post, synth_image
 
 pytestmark = pytest.mark.server  # this file's layer (conftest.py: every test declares one)
-
-
-@pytest.fixture(scope="module")
-def ui(server):
-    """The page and its proxy on a free loopback port, for the test TorchServe (its keys)."""
-    import uvicorn
-
-    from serve_demo.serve.ui import create_app
-
-    (port,) = free_ports(1)
-    app = create_app(server.inference_url, server.management_url, server.home)
-    web = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not web.started and time.monotonic() < deadline:
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    web.should_exit = True
-    thread.join(10)
 
 
 @pytest.fixture(scope="module")

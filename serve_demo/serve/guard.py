@@ -16,7 +16,9 @@ Checked (after percent-decoding, repeatedly, and path normalisation):
 - worker counts (``initial_workers``, ``min_worker``, ``max_worker``): whole numbers from 0 to
   ``--max-workers`` (the machine's CPUs, or 4 per GPU), ``min_worker <= max_worker``.
 
-Slow clients: a connection that has not sent its request within ``--timeout`` seconds is closed.
+Slow clients: a request whose line and headers have not arrived within ``--header-timeout`` seconds
+(of the connection, or of the previous answer on a kept-alive one) gets 408 and is closed; a body
+that pauses longer than ``--body-idle-timeout`` closes the connection.
 """
 
 from __future__ import annotations
@@ -27,10 +29,14 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+
+from serve_demo.core import defaults
 
 log = logging.getLogger("serve_demo.guard")
 
@@ -127,13 +133,45 @@ class GuardHandler(BaseHTTPRequestHandler):
 
     server_version = "serve-demo-guard"
     protocol_version = "HTTP/1.1"
-    timeout = 10  # seconds for a slow client to send its request; set from --timeout
+    header_timeout = defaults.HEADER_TIMEOUT_S  # seconds to send the request line and headers
+    timeout = defaults.BODY_IDLE_TIMEOUT_S  # the socket's: longest pause in a body (set from --body-idle-timeout)
     upstream = ("127.0.0.1", 0)
     store = Path(".")
     limit = 1
 
     def log_message(self, fmt: str, *args) -> None:  # the standard library's writes to stderr
         log.debug("%s " + fmt, self.address_string(), *args)
+
+    def handle_one_request(self) -> None:
+        """One request, its line and headers within ``header_timeout`` (a timer shuts the socket's reading)."""
+        self._headers_read = False
+        timer = threading.Timer(self.header_timeout, self._headers_late)
+        timer.daemon = True
+        timer.start()
+        try:
+            super().handle_one_request()
+        finally:
+            timer.cancel()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()  # reads the headers
+        self._headers_read = True
+        return ok
+
+    def _headers_late(self) -> None:
+        if self._headers_read:
+            return
+        log.warning("%s: request headers not complete after %.0f s; 408, connection closed", self.address_string(),
+                    self.header_timeout)
+        message = (f"the request's line and headers did not arrive within {self.header_timeout:.0f} s; send the "
+                   "whole request at once (the connection is closed)")
+        body = json.dumps({"code": 408, "type": "request_timeout", "message": message}).encode()
+        try:
+            self.connection.sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            self.connection.shutdown(socket.SHUT_RDWR)  # the blocked read returns: the handler ends
+        except OSError:
+            pass
 
     def _answer(self, code: int, body: bytes, headers: dict[str, str]) -> None:
         self.send_response(code)
@@ -175,10 +213,11 @@ class GuardHandler(BaseHTTPRequestHandler):
 
 
 def serve(listen: tuple[str, int], upstream: tuple[str, int], store: Path, limit: int,
-          timeout: float = 10) -> ThreadingHTTPServer:
+          header_timeout: float = defaults.HEADER_TIMEOUT_S,
+          body_idle_timeout: float = defaults.BODY_IDLE_TIMEOUT_S) -> ThreadingHTTPServer:
     """The guard's server (not yet serving: call ``serve_forever``)."""
     handler = type("Guard", (GuardHandler,), {"upstream": upstream, "store": store.resolve(), "limit": limit,
-                                              "timeout": timeout})
+                                              "header_timeout": header_timeout, "timeout": body_idle_timeout})
     server = ThreadingHTTPServer(listen, handler)
     server.daemon_threads = True
     return server
@@ -195,10 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--upstream", required=True, type=_address, help="TorchServe's own management HOST:PORT")
     p.add_argument("--store", required=True, type=Path, help="the model store")
     p.add_argument("--max-workers", type=int, required=True, help="largest worker count accepted")
-    p.add_argument("--timeout", type=float, default=10, help="seconds a client has to send its request")
+    p.add_argument("--header-timeout", type=float, default=defaults.HEADER_TIMEOUT_S,
+                   help="seconds a client has to send a request's line and headers, else 408")
+    p.add_argument("--body-idle-timeout", type=float, default=defaults.BODY_IDLE_TIMEOUT_S,
+                   help="longest pause while a body arrives before the connection is closed")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = serve(args.listen, args.upstream, args.store, args.max_workers, args.timeout)
+    server = serve(args.listen, args.upstream, args.store, args.max_workers, args.header_timeout,
+                   args.body_idle_timeout)
     log.info("management guard on %s:%d -> TorchServe %s:%d (store %s, workers <= %d)", *args.listen,
              *args.upstream, args.store, args.max_workers)
     try:

@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse, Response
 
 from serve_demo.core import defaults
 from serve_demo.core.observe import DEFAULT_BUCKETS, MetricSpec
+from serve_demo.serve import deadlines
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
                         "as TorchServe's max_request_size)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: the archive's handler.threads, else every CPU this process may use)")
+    p.add_argument("--header-timeout", type=float, default=defaults.HEADER_TIMEOUT_S,
+                   help=f"seconds a client has to send a request's line and headers, else 408 (default "
+                        f"{defaults.HEADER_TIMEOUT_S:.0f})")
+    p.add_argument("--body-idle-timeout", type=float, default=defaults.BODY_IDLE_TIMEOUT_S,
+                   help=f"longest pause while a body arrives before the connection is closed (default "
+                        f"{defaults.BODY_IDLE_TIMEOUT_S:.0f})")
     args, _ = p.parse_known_args(argv)  # kserve reads its own flags (--http_port, --grpc_port, ...)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not any(a.startswith("--grpc_max_receive_message_length") for a in sys.argv):
@@ -366,7 +373,19 @@ def main(argv: list[str] | None = None) -> int:
         model.load()
         models[model.name] = model
     add_routes(app, models, refused_cls, args.max_request_size)
-    ModelServer().start(list(models.values()))
+    http = deadlines.protocol(args.header_timeout, args.body_idle_timeout)
+
+    class Server(ModelServer):
+        def setup_event_loop(self) -> None:
+            """Give KServe's uvicorn our slow-client timers (called after its REST server is built, before it runs)."""
+            super().setup_event_loop()
+            rest = getattr(self, "_rest_server", None)
+            if rest is None:
+                raise SystemExit("kserve_server: KServe's REST server is not where kserve 0.21 keeps it "
+                                 "(ModelServer._rest_server); run one worker, or pin kserve==0.21.0")
+            rest.config.http = http
+
+    Server().start(list(models.values()))
     return 0
 
 

@@ -119,11 +119,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", default=defaults.HOME, help="the server's folder (its key_file.json)")
 
 
-def main(args: argparse.Namespace) -> int:
+def web_server(app, port: int):
+    """The page's uvicorn server on 127.0.0.1, cutting slow clients (``serve/deadlines.py``); not yet running."""
     import uvicorn
 
+    from serve_demo.serve import deadlines
+
+    return uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                         http=deadlines.protocol()))
+
+
+def main(args: argparse.Namespace) -> int:
     app = create_app(args.url.rstrip("/"), args.management_url.rstrip("/"), args.home)
     print(f"serve_demo ui at http://127.0.0.1:{args.port} (model server {args.url}); Ctrl-C stops it",
           file=sys.stderr)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    web_server(app, args.port).run()
     return 0
