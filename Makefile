@@ -10,7 +10,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 
 # NAME, DATA, VERSION, THRESHOLD, RUNTIME, PRECISION, GATE_TOLERANCE, SERVER, HOME_DIR, MODEL_STORE,
-# PROMETHEUS_URL and the ports are written once, in serve_demo/core/defaults.py (argparse and the
+# PROMETHEUS_URL, PUBLISH and the ports are written once, in serve_demo/core/defaults.py (argparse and the
 # library read them there); make includes them from it.
 DEFAULTS_MK := build/defaults.mk
 -include $(DEFAULTS_MK)
@@ -46,7 +46,6 @@ B          ?=
 IMAGE_TAG  ?= serve-demo:latest
 BASE_IMAGE ?= debian:bookworm-slim
 CONTAINER_NAME ?= serve-demo
-PUBLISH    ?= 127.0.0.1
 GPUS       ?= auto
 BENCH_MODELS ?= demo,frcnn
 READ_ONLY  ?=
@@ -155,8 +154,8 @@ $(MAR): $(ARCHIVE_STAMP) $(WEIGHTS) $(LABELS) $(wildcard serve_demo/core/*.py se
 archive: $(PARITY_NEEDS) | $(STAMP) ## bundle WEIGHTS + LABELS (+ MODEL_FILE) into model-store/NAME-VERSION.mar; RUNTIME=auto|eager|onnxruntime|openvino, PRECISION, WORKERS, THREADS
 	$(PY) -m serve_demo archive $(ARCHIVE_ARGS)
 
-serve: $(STAMP) ## start TorchServe (SERVER=kserve: KServe's ModelServer) on the recorded versions, wait until ready
-	$(PY) -m serve_demo serve --server $(SERVER) $(SERVE_ARGS)
+serve: $(STAMP) ## start TorchServe (SERVER=kserve: KServe's ModelServer) on the recorded versions; loopback unless PUBLISH=0.0.0.0
+	$(PY) -m serve_demo serve --server $(SERVER) --bind $(PUBLISH) $(SERVE_ARGS)
 
 loadtest: $(NEEDS_DATA) | $(STAMP) ## locust, headless: USERS for DURATION against the running server -> reports/loadtest
 	$(PY) scripts/soak.py --users $(USERS) --duration $(DURATION) --model $(NAME) --bad-share 0 \

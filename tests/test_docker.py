@@ -251,5 +251,7 @@ def test_inferenceservice_for_the_kserve_server():
     kubernetes_validate.validate(pod, "1.30.0", strict=True)
     (c,) = pred["containers"]
     assert c["command"][-1] == "serve_demo.serve.kserve_server" and "--archive" in c["args"]
+    flags = dict(zip(c["args"][::2], c["args"][1::2]))  # in the pod: every interface, the gateway authenticates
+    assert flags["--bind"] == "0.0.0.0" and flags["--auth"] == "off", flags
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/models/shapes/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"

@@ -133,34 +133,41 @@ def test_torchserve_frontend_does_not_route_v2_health(server):
 def test_tritonclient_on_kserve(kserve, protocol):
     module, url = (thttp, f"127.0.0.1:{kserve.http_port}") if protocol == "http" else (tgrpc, kserve.grpc_target)
     client = module.InferenceServerClient(url)
-    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("shapes")
-    meta = client.get_model_metadata("shapes")
+    keyed = kserve.auth() if protocol == "http" else dict(kserve.grpc_metadata())  # gRPC keys are lower case
+    assert client.is_server_live() and client.is_server_ready()  # open: probes carry no key
+    assert client.is_model_ready("shapes", headers=keyed)
+    meta = client.get_model_metadata("shapes", headers=keyed)
     meta = meta if isinstance(meta, dict) else {"name": meta.name, "inputs": [{"datatype": meta.inputs[0].datatype}]}
     assert meta["name"] == "shapes" and meta["inputs"][0]["datatype"] == "BYTES"
     images = [jpeg(12, (320, 240)), jpeg(13, (320, 240)), jpeg(14, (320, 240))]  # same size: no padding noise
-    result = client.infer("shapes", [infer_input(module, images)],
+    result = client.infer("shapes", [infer_input(module, images)], headers=keyed,
                           parameters={"threshold": 0.3, "response_format": "detailed"})
     check_answers(result, images, kserve)
     with pytest.raises(InferenceServerException, match="not an image") as e:
-        client.infer("shapes", [infer_input(module, [jpeg(15), b"hello"])])
+        client.infer("shapes", [infer_input(module, [jpeg(15), b"hello"])], headers=keyed)
     assert ("415" if protocol == "http" else "INVALID_ARGUMENT") in str(e.value)
     assert "image 1:" in str(e.value)
+    with pytest.raises(InferenceServerException, match="inference key") as e:  # no key: refused
+        client.infer("shapes", [infer_input(module, images[:1])])
+    assert ("401" if protocol == "http" else "UNAUTHENTICATED") in str(e.value)
 
 
 @pytest.mark.server
 def test_kserve_oversized_body_refused_before_reading(kserve):
     r = requests.post(f"{kserve.url}/predictions/shapes", data=b"\xff\xd8" + b"\0" * (17 << 20),
-                      headers={"Content-Type": "image/jpeg"}, timeout=60)
+                      headers={"Content-Type": "image/jpeg", **kserve.auth()}, timeout=60)
     assert r.status_code == 413 and r.json()["type"] == "request_too_large"
     assert post(kserve, "shapes", jpeg(16)).status_code == 200
 
 
 @pytest.mark.server
 def test_kserve_v1_image_body_and_unknown_model(kserve):
+    keyed = kserve.auth()
     r = requests.post(f"{kserve.url}/v1/models/shapes:predict", data=jpeg(17),
-                      headers={"Content-Type": "image/jpeg"}, timeout=60)
+                      headers={"Content-Type": "image/jpeg", **keyed}, timeout=60)
     assert r.status_code == 200 and isinstance(r.json(), list)
-    missing = requests.post(f"{kserve.url}/predictions/nope", data=jpeg(17), timeout=60)
+    missing = requests.post(f"{kserve.url}/predictions/nope", data=jpeg(17), headers=keyed, timeout=60)
     assert missing.status_code == 404 and "shapes 1.0" in missing.json()["message"]
-    assert requests.post(f"{kserve.url}/predictions/shapes/9.9", data=jpeg(17), timeout=60).status_code == 404
-    assert requests.post(f"{kserve.url}/predictions/shapes/1.0", data=jpeg(17), timeout=60).status_code == 200
+    for version, status in (("9.9", 404), ("1.0", 200)):
+        r = requests.post(f"{kserve.url}/predictions/shapes/{version}", data=jpeg(17), headers=keyed, timeout=60)
+        assert r.status_code == status, (version, r.text)

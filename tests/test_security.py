@@ -81,3 +81,106 @@ def test_registration_only_from_the_model_store(server, url):
 def test_key_file_is_private(server):
     mode = (server.home / "key_file.json").stat().st_mode & 0o777
     assert mode == 0o600, oct(mode)
+
+
+def listening(pid: int) -> set[tuple[str, int]]:
+    """``(address, port)`` of every TCP socket ``pid`` (and its children) listens on (what ``ss -ltn`` lists)."""
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return {(c.laddr.ip, c.laddr.port) for p in procs
+            for c in getattr(p, "net_connections", p.connections)("tcp")  # psutil < 6: connections
+            if c.status == psutil.CONN_LISTEN}
+
+
+def test_kserve_listens_on_loopback_only(kserve):
+    sockets = listening(kserve.pid())
+    assert {port for _, port in sockets} >= {kserve.http_port, kserve.grpc_port}, sockets
+    assert all(loopback(ip) for ip, _ in sockets), sockets  # gRPC's is a v6 socket: ::ffff:127.0.0.1
+
+
+def loopback(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+KSERVE_KEYED = [("POST", "/predictions/shapes"), ("POST", "/v1/models/shapes:predict"),
+                ("POST", "/v2/models/shapes/infer"), ("GET", "/v2/models/shapes"), ("GET", "/v2/models/shapes/ready"),
+                ("GET", "/v1/models"), ("GET", "/v2")]
+
+
+@pytest.mark.parametrize("method,path", KSERVE_KEYED)
+def test_kserve_http_needs_the_inference_key(kserve, method, path):
+    url, data = f"{kserve.url}{path}", encode(synth_image(71, (160, 120)))
+    refused = {"none": {}, "wrong": {"Authorization": "Bearer nope"}, "management key": kserve.auth("management"),
+               "not bearer": {"Authorization": "Basic eDp5"}}
+    for name, headers in refused.items():
+        r = requests.request(method, url, data=data if method == "POST" else None, headers=headers, timeout=30)
+        assert r.status_code == 401, (name, r.status_code, r.text)
+        assert r.json()["type"] == "unauthorized" and "inference key" in r.json()["message"], (name, r.text)
+        assert r.headers["WWW-Authenticate"].startswith("Bearer"), name
+    r = requests.request(method, url, data=data if method == "POST" else None, headers=kserve.auth(), timeout=60)
+    assert r.status_code != 401, (r.status_code, r.text)
+    if path == "/predictions/shapes":
+        assert r.status_code == 200
+
+
+def test_kserve_probes_and_metrics_need_no_key(kserve):
+    for path in ("/ping", "/v2/health/live", "/v2/health/ready", "/metrics", "/"):
+        assert requests.get(f"{kserve.url}{path}", timeout=10).status_code == 200, path
+
+
+def test_kserve_model_unload_needs_the_management_key(kserve):
+    url = f"{kserve.url}/v2/repository/models/shapes/unload"
+    for headers in ({}, kserve.auth("inference")):
+        r = requests.post(url, headers=headers, timeout=10)
+        assert r.status_code == 401 and "management key" in r.json()["message"], r.text
+    assert requests.get(f"{kserve.url}/v2/models/shapes/ready", headers=kserve.auth(), timeout=10).status_code == 200
+
+
+def test_kserve_grpc_needs_the_key(kserve):
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb  # the same OIP v2 service; kserve's own stubs would clash
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc  # with tritonclient's in one process (test_oip)
+
+    with grpc.insecure_channel(kserve.grpc_target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live  # open: probes carry no key
+        ready = pb.ModelReadyRequest(name="shapes")
+        for metadata in ((), (("authorization", "Bearer nope"),), tuple(kserve.grpc_metadata("management"))):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelReady(ready, metadata=metadata, timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "inference key" in e.value.details()
+        assert stub.ModelReady(ready, metadata=kserve.grpc_metadata(), timeout=10).ready
+        with pytest.raises(grpc.RpcError) as e:
+            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="shapes"),
+                                       metadata=kserve.grpc_metadata("inference"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "management key" in e.value.details()
+        assert stub.ModelReady(ready, metadata=kserve.grpc_metadata(), timeout=10).ready
+
+
+def test_kserve_key_file_is_private_and_torchserve_shaped(kserve):
+    import json
+
+    assert kserve.key_file.stat().st_mode & 0o777 == 0o600
+    entries = json.loads(kserve.key_file.read_text())
+    assert set(entries) == {"inference", "management"}
+    assert entries["inference"]["key"] != entries["management"]["key"]
+    assert len(entries["inference"]["key"]) >= 32
+
+
+def test_kserve_published_without_keys_behind_a_gateway(tmp_path, model_store):
+    """``PUBLISH=0.0.0.0`` with ``--auth off`` (the Kubernetes manifest's way): reachable off loopback, no key."""
+    from serve_demo.serve.kserve_local import KServeServer
+
+    ip = non_loopback_ipv4()
+    if ip is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to try")
+    ks = KServeServer.on_free_ports(tmp_path, model_store, ["shapes-1.0.mar"], bind="0.0.0.0", auth_on=False)
+    with ks.running(180):
+        assert {a for a, _ in listening(ks.pid())} <= {"0.0.0.0", "::"}  # gRPC's wildcard is dual-stack
+        assert not ks.key_file.exists()
+        r = requests.post(f"http://{ip}:{ks.http_port}/predictions/shapes", data=encode(synth_image(72)), timeout=60)
+        assert r.status_code == 200 and isinstance(r.json(), list)

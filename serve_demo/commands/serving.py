@@ -43,19 +43,22 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=defaults.SERVER, choices=defaults.SERVERS,
                    help="torchserve (default) or kserve: KServe's ModelServer over the same archives")
     p.add_argument("--timeout", type=float, default=180, help="seconds to wait for READY workers")
+    p.add_argument("--bind", default=defaults.BIND,
+                   help=f"address the inference API (HTTP, gRPC) and metrics listen on (default {defaults.BIND}); "
+                        "0.0.0.0 publishes them. Management stays on loopback")
 
 
 def from_args(args: argparse.Namespace) -> TorchServe:
     return TorchServe(home=Path(args.home), model_store=Path(args.model_store),
                       inference_port=args.inference_port, management_port=args.management_port,
                       metrics_port=args.metrics_port, grpc_inference_port=args.grpc_ports[0],
-                      grpc_management_port=args.grpc_ports[1])
+                      grpc_management_port=args.grpc_ports[1], bind=getattr(args, "bind", defaults.BIND))
 
 
 def kserve_from_args(args: argparse.Namespace):
     """The local KServe server of ``make serve SERVER=kserve`` (serving each model's default version)."""
     return KServeServer(Path(args.home), Path(args.model_store), http_port=args.inference_port,
-                        grpc_port=args.grpc_ports[0])
+                        grpc_port=args.grpc_ports[0], bind=getattr(args, "bind", defaults.BIND))
 
 
 def main_serve_kserve(args: argparse.Namespace) -> int:
@@ -85,8 +88,15 @@ def main_serve_kserve(args: argparse.Namespace) -> int:
     print(f"KServe ModelServer ready at {ks.url} (OIP v2 gRPC {ks.grpc_target}, log {ks.log_file}); "
           f"models: {', '.join(status)}")
     first = next(iter(status))
-    print(f"try:\n  curl -X POST {ks.url}/predictions/{first} -T IMAGE.jpg\n"
-          f"  curl {ks.url}/v2/models/{first}   (OIP v2 metadata; no token: see docs/security.md)")
+    key = ks.key()
+    auth = f' -H "Authorization: Bearer {key}"' if key else ""
+    print(f"try:\n  curl -X POST {ks.url}/predictions/{first} -T IMAGE.jpg{auth}\n"
+          f"  curl {ks.url}/v2/models/{first}{auth}   (OIP v2 metadata)")
+    if key:
+        print(f"  (token authorization is on: keys in {ks.key_file}, new at each start; `make key` prints the "
+              "inference key; serve_demo predict/evaluate read it from there)")
+    if ks.bind != "127.0.0.1":
+        print(f"  listening on {ks.bind}: reachable from other machines (PUBLISH={ks.bind})")
     return 0
 
 

@@ -20,6 +20,8 @@ METRICS_PORT = 8082
 GRPC_INFERENCE_PORT = 7070  # TorchServe's gRPC inference API; the KServe server's OIP v2 gRPC port
 GRPC_MANAGEMENT_PORT = 7071
 
+BIND = "127.0.0.1"  # where local servers listen (make serve PUBLISH=0.0.0.0 publishes inference and metrics)
+
 SERVERS = ("torchserve", "kserve")
 SERVER = "torchserve"
 
@@ -60,7 +62,7 @@ def make_variables() -> str:
     """The defaults as Makefile ``?=`` assignments (``include``d by the Makefile)."""
     values = {"HOME_DIR": HOME, "MODEL_STORE": MODEL_STORE, "VERSION": VERSION, "SERVER": SERVER,
               "THRESHOLD": THRESHOLD, "GATE_TOLERANCE": GATE_TOLERANCE, "RUNTIME": RUNTIME, "PRECISION": PRECISION,
-              "NAME": DEMO_NAME, "DATA": DEMO_DATA, "PROMETHEUS_URL": PROMETHEUS_URL,
+              "NAME": DEMO_NAME, "DATA": DEMO_DATA, "PROMETHEUS_URL": PROMETHEUS_URL, "PUBLISH": BIND,
               **{name: globals()[name] for name in _PORTS}}
     return "".join(f"{k} ?= {v}\n" for k, v in values.items())
 

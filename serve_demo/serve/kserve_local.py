@@ -20,6 +20,7 @@ import requests
 
 from serve_demo.core import defaults
 
+from .management import read_key
 from .process import Background, free_ports
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,9 @@ class KServeServer:
     archives: list[str] = field(default_factory=list)  # file names in model_store
     http_port: int = defaults.INFERENCE_PORT
     grpc_port: int = defaults.GRPC_INFERENCE_PORT
-    host: str = "127.0.0.1"  # where clients reach it (KServe itself listens on every interface)
+    host: str = "127.0.0.1"  # where clients reach it
+    bind: str = defaults.BIND  # where it listens (HTTP and gRPC)
+    auth_on: bool = True  # bearer keys (HOME/key_file.json, TorchServe's format); off behind a gateway
     environment: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -57,13 +60,22 @@ class KServeServer:
     def grpc_target(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
-    def key(self, kind: str = "inference") -> None:
-        """No token authorization on this server (KServe leaves it to the cluster's gateway)."""
-        return None
+    @property
+    def key_file(self) -> Path:
+        return self.home / "key_file.json"
+
+    def key(self, kind: str = "inference") -> str | None:
+        """This run's ``inference`` or ``management`` key (None when authorization is off)."""
+        return read_key(self.home, kind) if self.auth_on else None
 
     def auth(self, kind: str = "inference") -> dict[str, str]:
-        """The headers a request needs: none (see :meth:`key`)."""
-        return {}
+        """The headers a request needs (``Authorization: Bearer KEY``, or none when it is off)."""
+        key = self.key(kind)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def grpc_metadata(self, kind: str = "inference") -> list[tuple[str, str]]:
+        """The same as gRPC call metadata."""
+        return [(k.lower(), v) for k, v in self.auth(kind).items()]
 
     @property
     def pid_file(self) -> Path:
@@ -85,18 +97,22 @@ class KServeServer:
         cmd = [sys.executable, "-m", "serve_demo.serve.kserve_server"]
         for archive in self.archives:
             cmd += ["--archive", str(self.model_store / archive)]
+        cmd += ["--bind", self.bind, "--auth", "keys" if self.auth_on else "off", "--key-file", str(self.key_file)]
         return cmd + ["--http_port", str(self.http_port), "--grpc_port", str(self.grpc_port)]
 
     def start(self) -> None:
         """Start in the background (returns at once; see :meth:`wait_ready`)."""
         if not self.archives:
             raise ValueError(f"no archives to serve from {self.model_store}: run `make archive` first")
+        self.key_file.unlink(missing_ok=True)  # an earlier run's keys (or TorchServe's) are not this run's
         self.process.start(self.command(), env={**os.environ, **self.environment})
 
     def models_ready(self) -> dict[str, bool]:
         """``{name: ready}`` from ``GET /v2/models/NAME/ready`` of every served model."""
-        names = requests.get(f"{self.url}/v1/models", timeout=5).json().get("models", [])
-        return {n: requests.get(f"{self.url}/v2/models/{n}/ready", timeout=5).status_code == 200 for n in names}
+        headers = self.auth()
+        names = requests.get(f"{self.url}/v1/models", headers=headers, timeout=5).json().get("models", [])
+        return {n: requests.get(f"{self.url}/v2/models/{n}/ready", headers=headers, timeout=5).status_code == 200
+                for n in names}
 
     def wait_ready(self, timeout: float = 120.0) -> dict[str, bool]:
         """Poll until the server answers ready for every model.

@@ -14,8 +14,12 @@ class the TorchServe handler uses, and answers:
 
 Answers, thresholds, formats and error codes are the ones TorchServe gives (same code). Requests
 that arrive together are batched up to the archive's ``batchSize`` within ``maxBatchDelay`` ms,
-mixed image sizes included; the model runs in one thread beside the event loop. No token
-authorization: KServe leaves that to the cluster's gateway (see docs/security.md).
+mixed image sizes included; the model runs in one thread beside the event loop.
+
+Safe by default, as ``make serve`` is: HTTP and gRPC listen on ``--bind`` (127.0.0.1) only, and every
+call but health, liveness and ``/metrics`` needs a bearer key from ``--key-file`` (TorchServe's
+``key_file.json``, new keys at each start; :mod:`serve_demo.serve.keys`). Behind a gateway that
+authenticates (the Kubernetes manifest), ``--bind 0.0.0.0 --auth off``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from fastapi.responses import JSONResponse, Response
 
 from serve_demo.core import defaults
 from serve_demo.core.observe import DEFAULT_BUCKETS, MetricSpec
-from serve_demo.serve import deadlines
+from serve_demo.serve import deadlines, keys
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +343,40 @@ def add_routes(app, models: dict, refused_cls, max_request_size: int = 0) -> Non
     app.add_api_route("/v2/models/{name}/versions/{version}/infer", v2_infer, methods=["POST"])
 
 
+def grpc_server(host: str, key_set: keys.Keys | None, **kwargs: Any) -> Any:
+    """KServe's gRPC server listening on ``host`` (KServe 0.21 always takes ``[::]``), keys checked.
+
+    The same servicer, interceptors and message limits as :class:`kserve.protocol.grpc.server.GRPCServer`;
+    ``kwargs`` are its constructor's.
+    """
+    from concurrent import futures
+
+    from grpc import aio
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+    from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+    from kserve.protocol.grpc.server import GRPCServer
+    from kserve.protocol.grpc.servicer import InferenceServicer
+
+    class BoundGRPCServer(GRPCServer):
+        async def start(self, max_workers: int) -> None:
+            checks = (keys.grpc_interceptor(key_set),) if key_set else ()
+            self._server = aio.server(
+                futures.ThreadPoolExecutor(max_workers=max_workers),
+                interceptors=(*checks, LoggingInterceptor(), ExceptionToStatusInterceptor()),
+                options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
+                         ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length"))])
+            grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+                InferenceServicer(self._data_plane, self._model_repository_extension), self._server)
+            address = f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}"
+            if not self._server.add_insecure_port(address):
+                raise SystemExit(f"kserve_server: gRPC cannot listen on {address} (port taken?)")
+            log.info("gRPC (OIP v2) on %s, keys %s", address, "required" if key_set else "off")
+            await self._server.start()
+            await self._server.wait_for_termination()
+
+    return BoundGRPCServer(**kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archive", action="append", required=True,
@@ -355,6 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--body-idle-timeout", type=float, default=defaults.BODY_IDLE_TIMEOUT_S,
                    help=f"longest pause while a body arrives before the connection is closed (default "
                         f"{defaults.BODY_IDLE_TIMEOUT_S:.0f})")
+    p.add_argument("--bind", default=defaults.BIND,
+                   help=f"address HTTP and gRPC listen on (default {defaults.BIND}; 0.0.0.0 publishes them)")
+    p.add_argument("--auth", default="keys", choices=("keys", "off"),
+                   help="keys (default): bearer keys from --key-file on every call but health and /metrics; "
+                        "off: no keys (behind a gateway that authenticates)")
+    p.add_argument("--key-file", default="key_file.json",
+                   help="where the keys are written at each start, TorchServe's format (default: key_file.json "
+                        "in the current folder, as TorchServe)")
     args, _ = p.parse_known_args(argv)  # kserve reads its own flags (--http_port, --grpc_port, ...)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not any(a.startswith("--grpc_max_receive_message_length") for a in sys.argv):
@@ -363,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from kserve import ModelServer
+    from kserve import model_server as kserve_model_server
     from kserve.model_server import app
 
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -373,19 +420,33 @@ def main(argv: list[str] | None = None) -> int:
         model.load()
         models[model.name] = model
     add_routes(app, models, refused_cls, args.max_request_size)
+    key_set = keys.write_key_file(args.key_file) if args.auth == "keys" else None
+    if key_set:
+        app.add_middleware(keys.BearerKeys, keys=key_set)  # outside the body limit: 401 before 413
+        log.info("token authorization on: keys in %s", Path(args.key_file).resolve())
+    else:
+        log.warning("token authorization off (--auth off): only behind a gateway that authenticates")
     http = deadlines.protocol(args.header_timeout, args.body_idle_timeout)
+    grpc_wanted = kserve_model_server.args.enable_grpc
 
     class Server(ModelServer):
         def setup_event_loop(self) -> None:
-            """Give KServe's uvicorn our slow-client timers (called after its REST server is built, before it runs)."""
+            """Give KServe's uvicorn our address and slow-client timers, and start our gRPC server (called
+            after the REST server is built, before anything runs)."""
             super().setup_event_loop()
             rest = getattr(self, "_rest_server", None)
             if rest is None:
                 raise SystemExit("kserve_server: KServe's REST server is not where kserve 0.21 keeps it "
                                  "(ModelServer._rest_server); run one worker, or pin kserve==0.21.0")
-            rest.config.http = http
+            rest.config.http, rest.config.host = http, args.bind
+            if grpc_wanted:
+                self._grpc_server = grpc_server(
+                    args.bind, key_set, port=self.grpc_port, data_plane=self.dataplane,
+                    model_repository_extension=self.model_repository_extension,
+                    kwargs=vars(kserve_model_server.args), grace_period=self.grace_period)
+                self.servers.append(self._grpc_server.start(self.max_threads))
 
-    Server().start(list(models.values()))
+    Server(enable_grpc=False).start(list(models.values()))  # KServe's own would listen on [::]
     return 0
 
 

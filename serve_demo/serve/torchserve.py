@@ -54,7 +54,8 @@ class TorchServe:
     metrics_port: int = defaults.METRICS_PORT
     grpc_inference_port: int = defaults.GRPC_INFERENCE_PORT
     grpc_management_port: int = defaults.GRPC_MANAGEMENT_PORT
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # where clients reach it
+    bind: str = defaults.BIND  # where inference (HTTP, gRPC) and metrics listen; management stays on loopback
     models: str = "all"
     base_config: Path = BASE_CONFIG
     overrides: dict[str, str] = field(default_factory=dict)
@@ -119,9 +120,10 @@ class TorchServe:
         """The base config with this instance's addresses and folders."""
         props = read_properties(self.base_config)
         props.update({
-            "inference_address": self.inference_url,
+            "inference_address": f"http://{self.bind}:{self.inference_port}",
             "management_address": self.management_url,
-            "metrics_address": self.metrics_url,
+            "metrics_address": f"http://{self.bind}:{self.metrics_port}",
+            "grpc_inference_address": self.bind,
             "grpc_inference_port": str(self.grpc_inference_port),
             "grpc_management_port": str(self.grpc_management_port),
             "model_store": str(self.model_store),
