@@ -225,11 +225,8 @@ def target(request):
 
 
 def workers(ts: TorchServe | KServeServer, model: str = "shapes") -> list[dict]:
-    """The default version's workers of ``model`` (TorchServe's management API; the KServe server
-    is one process that holds every model)."""
-    if isinstance(ts, KServeServer):
-        ready = requests.get(f"{ts.url}/v2/models/{model}/ready", headers=ts.auth(), timeout=10).status_code == 200
-        return [{"pid": ts.pid(), "status": "READY" if ready else "UNAVAILABLE"}]
+    """The default version's workers of ``model``, from the management API (TorchServe's, or the KServe
+    server's: one worker, the server's own process)."""
     return requests.get(f"{ts.management_url}/models/{model}", headers=ts.auth(), timeout=10).json()[0]["workers"]
 
 

@@ -161,10 +161,11 @@ def test_a_threshold_in_a_plain_json_body_is_honoured(target):
 
 # --- the management guard (serve/guard.py): our promises about the management API ---------------
 
-@pytest.fixture(params=["torchserve", "container"])
+@pytest.fixture(params=["torchserve", "kserve", "container"])
 def managed(request):
-    """The servers with a management API: the local TorchServe and the image."""
-    return request.getfixturevalue({"torchserve": "server", "container": "served_container"}[request.param])
+    """The servers with a management API: the local TorchServe, the KServe server and the image."""
+    return request.getfixturevalue({"torchserve": "server", "kserve": "kserve",
+                                    "container": "served_container"}[request.param])
 
 
 UP = "%2e%2e/" * 6

@@ -369,7 +369,7 @@ def test_capture_keeps_uncertain_images_and_collect_makes_a_dataset(mon, tmp_pat
 @pytest.mark.server
 def test_kserve_server_exposes_the_same_metric_names(kserve):
     r = requests.post(f"{kserve.inference_url}/predictions/fixed", data=encode(synth_image(1)),
-                      headers={"Content-Type": "image/jpeg", **kserve.auth()}, timeout=60)
+                      headers={"Content-Type": "image/jpeg", **kserve.auth("inference")}, timeout=60)
     assert r.status_code == 200
     text = requests.get(f"{kserve.url}/metrics", timeout=10).text
     for name in ("DetectionsPerClass{", "DetectionScoreBand{", "DetectionsPerImage_bucket{", "StageSeconds_count{",

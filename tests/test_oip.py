@@ -133,7 +133,8 @@ def test_torchserve_frontend_does_not_route_v2_health(server):
 def test_tritonclient_on_kserve(kserve, protocol):
     module, url = (thttp, f"127.0.0.1:{kserve.http_port}") if protocol == "http" else (tgrpc, kserve.grpc_target)
     client = module.InferenceServerClient(url)
-    keyed = kserve.auth() if protocol == "http" else dict(kserve.grpc_metadata())  # gRPC keys are lower case
+    # gRPC metadata keys are lower case
+    keyed = kserve.auth("inference") if protocol == "http" else dict(kserve.grpc_metadata("inference"))
     assert client.is_server_live() and client.is_server_ready()  # open: probes carry no key
     assert client.is_model_ready("shapes", headers=keyed)
     meta = client.get_model_metadata("shapes", headers=keyed)
@@ -155,14 +156,14 @@ def test_tritonclient_on_kserve(kserve, protocol):
 @pytest.mark.server
 def test_kserve_oversized_body_refused_before_reading(kserve):
     r = requests.post(f"{kserve.url}/predictions/shapes", data=b"\xff\xd8" + b"\0" * (17 << 20),
-                      headers={"Content-Type": "image/jpeg", **kserve.auth()}, timeout=60)
+                      headers={"Content-Type": "image/jpeg", **kserve.auth("inference")}, timeout=60)
     assert r.status_code == 413 and r.json()["type"] == "request_too_large"
     assert post(kserve, "shapes", jpeg(16)).status_code == 200
 
 
 @pytest.mark.server
 def test_kserve_v1_image_body_and_unknown_model(kserve):
-    keyed = kserve.auth()
+    keyed = kserve.auth("inference")
     r = requests.post(f"{kserve.url}/v1/models/shapes:predict", data=jpeg(17),
                       headers={"Content-Type": "image/jpeg", **keyed}, timeout=60)
     assert r.status_code == 200 and isinstance(r.json(), list)

@@ -121,7 +121,8 @@ def test_kserve_http_needs_the_inference_key(kserve, method, path):
         assert r.status_code == 401, (name, r.status_code, r.text)
         assert r.json()["type"] == "unauthorized" and "inference key" in r.json()["message"], (name, r.text)
         assert r.headers["WWW-Authenticate"].startswith("Bearer"), name
-    r = requests.request(method, url, data=data if method == "POST" else None, headers=kserve.auth(), timeout=60)
+    r = requests.request(method, url, data=data if method == "POST" else None, headers=kserve.auth("inference"),
+                         timeout=60)
     assert r.status_code != 401, (r.status_code, r.text)
     if path == "/predictions/shapes":
         assert r.status_code == 200
@@ -137,7 +138,8 @@ def test_kserve_model_unload_needs_the_management_key(kserve):
     for headers in ({}, kserve.auth("inference")):
         r = requests.post(url, headers=headers, timeout=10)
         assert r.status_code == 401 and "management key" in r.json()["message"], r.text
-    assert requests.get(f"{kserve.url}/v2/models/shapes/ready", headers=kserve.auth(), timeout=10).status_code == 200
+    ready = requests.get(f"{kserve.url}/v2/models/shapes/ready", headers=kserve.auth("inference"), timeout=10)
+    assert ready.status_code == 200
 
 
 def test_kserve_grpc_needs_the_key(kserve):
@@ -153,12 +155,12 @@ def test_kserve_grpc_needs_the_key(kserve):
             with pytest.raises(grpc.RpcError) as e:
                 stub.ModelReady(ready, metadata=metadata, timeout=10)
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "inference key" in e.value.details()
-        assert stub.ModelReady(ready, metadata=kserve.grpc_metadata(), timeout=10).ready
+        assert stub.ModelReady(ready, metadata=kserve.grpc_metadata("inference"), timeout=10).ready
         with pytest.raises(grpc.RpcError) as e:
             stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="shapes"),
                                        metadata=kserve.grpc_metadata("inference"), timeout=10)
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "management key" in e.value.details()
-        assert stub.ModelReady(ready, metadata=kserve.grpc_metadata(), timeout=10).ready
+        assert stub.ModelReady(ready, metadata=kserve.grpc_metadata("inference"), timeout=10).ready
 
 
 def test_kserve_key_file_is_private_and_torchserve_shaped(kserve):
@@ -180,7 +182,10 @@ def test_kserve_published_without_keys_behind_a_gateway(tmp_path, model_store):
         pytest.skip("this machine has no non-loopback IPv4 address to try")
     ks = KServeServer.on_free_ports(tmp_path, model_store, ["shapes-1.0.mar"], bind="0.0.0.0", auth_on=False)
     with ks.running(180):
-        assert {a for a, _ in listening(ks.pid())} <= {"0.0.0.0", "::"}  # gRPC's wildcard is dual-stack
+        sockets = listening(ks.pid())
+        published = {a for a, port in sockets if port in (ks.http_port, ks.grpc_port)}
+        assert published <= {"0.0.0.0", "::"}, sockets  # gRPC's wildcard is dual-stack
+        assert {a for a, port in sockets if port == ks.management_port} == {"127.0.0.1"}  # never published
         assert not ks.key_file.exists()
         r = requests.post(f"http://{ip}:{ks.http_port}/predictions/shapes", data=encode(synth_image(72)), timeout=60)
         assert r.status_code == 200 and isinstance(r.json(), list)

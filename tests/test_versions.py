@@ -10,12 +10,14 @@ import json
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
 from serve_demo import cli
 from serve_demo.archive.builder import build
 from serve_demo.evaluate.gate import gate_drops, gate_table
+from serve_demo.serve.kserve_local import KServeServer
 from serve_demo.serve.management import Management
 from serve_demo.serve.versions import (
     Registry,
@@ -127,15 +129,18 @@ def detailed_version(ts, path: str) -> str:
 
 
 @pytest.mark.integration
-def test_version_life_cycle(tmp_path, test_split, monkeypatch, capsys):
-    """Archive, serve, register a second version, gate, promote, force, roll back, restart."""
+@pytest.mark.parametrize("kind", ["torchserve", "kserve"])
+def test_version_life_cycle(tmp_path, test_split, monkeypatch, capsys, kind):
+    """Archive, serve, register a second version, gate, promote, force, roll back, restart: on TorchServe
+    and on the KServe server, through the same commands."""
     assert EARLY_WEIGHTS.is_file(), "weights/shapes_1ep.pt is committed (1-epoch run of the demo recipe)"
     monkeypatch.chdir(tmp_path)  # reports/ goes here
     store, build_dir = tmp_path / "store", tmp_path / "build"
     common = dict(name="det", labels=str(DEMO_LABELS), arch="fcos_tiny", export_path=str(store),
                   build_dir=str(build_dir))
     build(archive_args(version="1.0", weights=str(EARLY_WEIGHTS), **common))
-    ts = make_server(tmp_path / "home", store)
+    ts = (make_server(tmp_path / "home", store) if kind == "torchserve"
+          else KServeServer.on_free_ports(tmp_path / "home", store, []))
     mgmt = Management(ts.management_url, home=ts.home)
     conn = ["--management-url", ts.management_url, "--model-store", str(store), "--home", str(ts.home)]
     gate = ["--url", ts.inference_url, "--dataset", str(test_split), "--limit", "30", *conn]
@@ -154,6 +159,8 @@ def test_version_life_cycle(tmp_path, test_split, monkeypatch, capsys):
         assert detailed_version(ts, "det/1.0") == "1.0"
         assert detailed_version(ts, "det/2.0") == "2.0"
         assert detailed_version(ts, "det") == "1.0"
+        rc, out = run("register", "--model", "det", "--version", "2.0", *conn)
+        assert rc == 0 and "det 2.0 is already registered" in out
 
         rc, out = run("promote", "--model", "det", "--version", "2.0", *gate)
         assert rc == 0, out
@@ -196,9 +203,16 @@ def test_version_life_cycle(tmp_path, test_split, monkeypatch, capsys):
         ts.stop()
 
 
+@pytest.fixture(params=["torchserve", "kserve"])
+def versioned(request):
+    """The local servers with a management API for versions."""
+    return request.getfixturevalue({"torchserve": "server", "kserve": "kserve"}[request.param])
+
+
 @pytest.mark.server
-def test_register_refuses_what_is_not_in_the_store(server, capsys):
+def test_register_refuses_what_is_not_in_the_store(versioned, capsys):
     """Only archives already in the model store: no file, or any URL, is refused."""
+    server = versioned
     conn = ["--management-url", server.management_url, "--model-store", str(server.model_store),
             "--home", str(server.home)]
     assert cli.main(["register", "--model", "shapes", "--version", "9.9", *conn]) == 2
@@ -234,3 +248,76 @@ def test_serve_on_a_running_server_registers_models_archived_since(tmp_path, fix
         assert "second" in Registry.load(store).models
     finally:
         ts.stop()
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory, fixed_weights):
+    """The KServe server on two versions of one model (``fixed`` 1.0 and 2.0, the default 1.0)."""
+    root = tmp_path_factory.mktemp("kserve-versions")
+    store = root / "store"
+    for version in ("1.0", "2.0"):
+        build(archive_args(name="fixed", version=version, weights=str(fixed_weights),
+                           labels=str(ASSETS / "fixed_labels.json"), model_file=str(ASSETS / "fixed_detector.py"),
+                           export_path=str(store), build_dir=str(root / "build")))
+    ks = KServeServer.on_free_ports(root / "home", store, ["fixed-1.0.mar", "fixed-2.0.mar"])
+    with ks.running(180):
+        yield ks
+
+
+@pytest.mark.server
+def test_kserve_routes_answer_each_version(two_versions):
+    """TorchServe's ``/predictions/NAME/VERSION``, OIP's versioned REST routes and gRPC ``model_version``."""
+    import tritonclient.grpc as tgrpc
+    import tritonclient.http as thttp
+    from tritonclient.utils import InferenceServerException
+
+    ks, key = two_versions, two_versions.auth("inference")
+    assert detailed_version(ks, "fixed") == "1.0"
+    assert detailed_version(ks, "fixed/2.0") == "2.0"
+    meta = requests.get(f"{ks.url}/v2/models/fixed/versions/2.0", headers=key, timeout=10).json()
+    assert meta["versions"] == ["1.0", "2.0"] and meta["inputs"][0]["datatype"] == "BYTES"
+    assert requests.get(f"{ks.url}/v2/models/fixed", headers=key, timeout=10).json()["versions"] == ["1.0", "2.0"]
+    assert requests.get(f"{ks.url}/v2/models/fixed/versions/2.0/ready", headers=key, timeout=10).json()["ready"]
+    missing = requests.get(f"{ks.url}/v2/models/fixed/versions/9.9/ready", headers=key, timeout=10)
+    assert missing.status_code == 404 and "fixed 1.0, fixed 2.0" in missing.json()["message"]
+    image = encode(synth_image(4))
+    for module, url, headers in ((thttp, f"127.0.0.1:{ks.http_port}", key),
+                                 (tgrpc, ks.grpc_target, dict(ks.grpc_metadata("inference")))):
+        client = module.InferenceServerClient(url)
+        images = module.InferInput("images", [1], "BYTES")
+        images.set_data_from_numpy(np.array([image], dtype=np.object_))
+        params = {"response_format": "detailed"}
+        for version in ("1.0", "2.0"):
+            result = client.infer("fixed", [images], model_version=version, headers=headers, parameters=params)
+            assert json.loads(result.as_numpy("detections")[0])["version"] == version, module.__name__
+        assert client.is_model_ready("fixed", model_version="2.0", headers=headers)
+        with pytest.raises(InferenceServerException, match="9.9"):
+            client.infer("fixed", [images], model_version="9.9", headers=headers)
+
+
+@pytest.mark.server
+def test_kserve_management_follows_torchserve_rules(two_versions):
+    """Default first, never deleted while others are loaded; 409 for a loaded version; no scaling."""
+    ks = two_versions
+    mgmt, h = Management(ks.management_url, home=ks.home), ks.auth("management")
+    url = ks.management_url
+    assert [v["modelVersion"] for v in mgmt.versions("fixed")] == ["1.0", "2.0"]
+    assert mgmt.describe("fixed")["workers"][0]["pid"] == ks.pid()
+    r = requests.delete(f"{url}/models/fixed/1.0", headers=h, timeout=30)
+    assert r.status_code == 400 and "is the default version" in r.json()["message"]
+    r = requests.put(f"{url}/models/fixed?min_worker=2", headers=h, timeout=30)
+    assert r.status_code == 400 and "scale with replicas" in r.json()["message"]
+    assert requests.get(f"{url}/models", headers=ks.auth("inference"), timeout=10).status_code == 401
+    mgmt.set_default("fixed", "2.0")
+    assert detailed_version(ks, "fixed") == "2.0"
+    assert requests.get(f"{ks.url}/v2/models/fixed/ready", headers=ks.auth("inference"), timeout=10).status_code == 200
+    assert mgmt.unregister("fixed", "1.0")
+    assert [v["modelVersion"] for v in mgmt.versions("fixed")] == ["2.0"]
+    r = requests.post(f"{ks.inference_url}/predictions/fixed/1.0", data=encode(synth_image(1)),
+                      headers=ks.auth("inference"), timeout=60)
+    assert r.status_code == 404
+    assert "registered" in mgmt.register("fixed-1.0.mar")
+    r = requests.post(f"{url}/models", params={"url": "fixed-1.0.mar"}, headers=h, timeout=60)
+    assert r.status_code == 409 and "already" in r.json()["message"]
+    assert detailed_version(ks, "fixed/1.0") == "1.0" and detailed_version(ks, "fixed") == "2.0"
+    mgmt.set_default("fixed", "1.0")

@@ -310,7 +310,8 @@ def bench_kserve(store: Path, home: Path, name: str, images: list[bytes], n_lat:
     from serve_demo.serve.kserve_local import KServeServer
 
     with KServeServer.on_free_ports(home, store, [f"{name}-1.0.mar"]).running(180) as ks:
-        return measure_server(multipart_sender(f"{ks.url}/predictions/{name}", {}), images, n_lat, n_load)
+        send = multipart_sender(f"{ks.url}/predictions/{name}", ks.auth("inference"))  # keys on, as make serve
+        return measure_server(send, images, n_lat, n_load)
 
 
 

@@ -16,7 +16,6 @@ from serve_demo.serve.kserve_local import KServeServer
 from serve_demo.serve.management import Management
 from serve_demo.serve.torchserve import TorchServe
 from serve_demo.serve.versions import (
-    Registry,
     VersionError,
     archive_runtime,
     register_new_models,
@@ -56,89 +55,63 @@ def from_args(args: argparse.Namespace) -> TorchServe:
 
 
 def kserve_from_args(args: argparse.Namespace):
-    """The local KServe server of ``make serve SERVER=kserve`` (serving each model's default version)."""
+    """The local KServe server of ``make serve SERVER=kserve`` (every recorded version, management on loopback)."""
     return KServeServer(Path(args.home), Path(args.model_store), http_port=args.inference_port,
-                        grpc_port=args.grpc_ports[0], bind=getattr(args, "bind", defaults.BIND))
-
-
-def main_serve_kserve(args: argparse.Namespace) -> int:
-    """``make serve SERVER=kserve``: each model's default archive on KServe's ModelServer."""
-    ks = kserve_from_args(args)
-    if ks.pid():
-        print(f"the KServe server already runs (pid {ks.pid()}); `make stop` to restart it")
-    else:
-        if from_args(args).pid():
-            print(f"TorchServe runs from {args.home}: `make stop` first (both use port {args.inference_port})",
-                  file=sys.stderr)
-            return 2
-        registry = Registry.load(ks.model_store)
-        for w in registry.sync(ks.model_store):
-            log.warning(w)
-        registry.save()
-        ks.archives = registry.load_plan()[0]
-        if not ks.archives:
-            print(f"no archives in {ks.model_store}: run `make archive` (or `make demo`) first", file=sys.stderr)
-            return 2
-        ks.start()
-    try:
-        status = ks.wait_ready(args.timeout)
-    except (TimeoutError, RuntimeError) as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    print(f"KServe ModelServer ready at {ks.url} (OIP v2 gRPC {ks.grpc_target}, log {ks.log_file}); "
-          f"models: {', '.join(status)}")
-    first = next(iter(status))
-    key = ks.key()
-    auth = f' -H "Authorization: Bearer {key}"' if key else ""
-    print(f"try:\n  curl -X POST {ks.url}/predictions/{first} -T IMAGE.jpg{auth}\n"
-          f"  curl {ks.url}/v2/models/{first}{auth}   (OIP v2 metadata)")
-    if key:
-        print(f"  (token authorization is on: keys in {ks.key_file}, new at each start; `make key` prints the "
-              "inference key; serve_demo predict/evaluate read it from there)")
-    if ks.bind != "127.0.0.1":
-        print(f"  listening on {ks.bind}: reachable from other machines (PUBLISH={ks.bind})")
-    return 0
+                        grpc_port=args.grpc_ports[0], management_port=args.management_port,
+                        bind=getattr(args, "bind", defaults.BIND))
 
 
 def main_serve(args: argparse.Namespace) -> int:
-    """``make serve``: start, wait for READY workers, print models and a curl line."""
-    if args.server == "kserve":
-        return main_serve_kserve(args)
-    ts = from_args(args)
-    if kserve_from_args(args).pid():
-        print(f"the KServe server runs from {args.home}: `make stop` first", file=sys.stderr)
+    """``make serve``: start TorchServe or the KServe server on the recorded versions and defaults, wait
+    until every version answers, print them and a curl line."""
+    kserve = args.server == "kserve"
+    server, other = (kserve_from_args(args), from_args(args)) if kserve else (from_args(args), kserve_from_args(args))
+    what, other_what = ("the KServe server", "TorchServe") if kserve else ("TorchServe", "the KServe server")
+    if other.pid():
+        print(f"{other_what} runs from {args.home}: `make stop` first (both use port {args.inference_port})",
+              file=sys.stderr)
         return 2
     try:
-        if ts.pid():
-            print(f"TorchServe already running (pid {ts.pid()}); `make stop` to restart it")
-            added = register_new_models(ts, ts.wait_ready(args.timeout))
+        if server.pid():
+            print(f"{what} already runs (pid {server.pid()}); `make stop` to restart it")
+            added = register_new_models(server, server.wait_ready(args.timeout))
             if added:
                 print(f"registered the new archives {', '.join(added)}")
-            status = ts.wait_ready(args.timeout)
+            status = server.wait_ready(args.timeout)
         else:
-            status = start_from_registry(ts, args.timeout)
+            status = start_from_registry(server, args.timeout)
     except VersionError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    except TimeoutError as exc:
+    except (TimeoutError, RuntimeError) as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    print(f"TorchServe ready at {ts.inference_url} (management {ts.management_url}, "
-          f"metrics {ts.metrics_url}, logs {ts.home / 'logs'})")
-    default_of = {name: Management(ts.management_url, home=ts.home).default_version(name) for name in status}
+    if kserve:
+        print(f"KServe ModelServer ready at {server.url} (OIP v2 gRPC {server.grpc_target}, management "
+              f"{server.management_url}, metrics {server.url}/metrics, log {server.log_file})")
+    else:
+        print(f"TorchServe ready at {server.inference_url} (management {server.management_url}, "
+              f"metrics {server.metrics_url}, logs {server.home / 'logs'})")
+    mgmt = Management(server.management_url, home=server.home)
     for name, versions in status.items():
+        default = mgmt.default_version(name)
         for v in versions:
             workers = ", ".join(w["status"] for w in v["workers"])
-            default = " (default)" if str(v["modelVersion"]) == default_of[name] else ""
-            runtime = archive_runtime(ts.model_store / v["modelUrl"]) if v.get("modelUrl") else "?"
-            print(f"  {name} {v['modelVersion']}{default}: {runtime}, batch {v['batchSize']}, workers [{workers}]")
+            mark = " (default)" if str(v["modelVersion"]) == default else ""
+            runtime = archive_runtime(server.model_store / v["modelUrl"]) if v.get("modelUrl") else "?"
+            print(f"  {name} {v['modelVersion']}{mark}: {runtime}, batch {v['batchSize']}, workers [{workers}]")
     first = next(iter(status))
-    key = ts.key("inference")
+    key = server.key("inference")
     auth = f' -H "Authorization: Bearer {key}"' if key else ""
-    print(f"try:\n  curl -X POST {ts.inference_url}/predictions/{first} -T IMAGE.jpg{auth}")
+    print(f"try:\n  curl -X POST {server.inference_url}/predictions/{first} -T IMAGE.jpg{auth}")
+    if kserve:
+        print(f"  curl {server.url}/v2/models/{first}{auth}   (OIP v2 metadata)")
     if key:
-        print(f"  (token authorization is on: keys in {ts.home / 'key_file.json'}; `make key` prints the "
-              "inference key; serve_demo predict/evaluate read it from there)")
+        print(f"  (token authorization is on: keys in {server.home / 'key_file.json'}, new at each start; `make key` "
+              "prints the inference key; serve_demo predict/evaluate read it from there)")
+    if server.bind != "127.0.0.1":
+        print(f"  inference listens on {server.bind}: reachable from other machines (PUBLISH={server.bind}); "
+              "management stays on loopback")
     return 0
 
 

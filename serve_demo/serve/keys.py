@@ -85,13 +85,14 @@ def _refusal(kind: str, given: bool) -> bytes:
 class BearerKeys:
     """ASGI middleware: HTTP calls without the right bearer key get 401 (see the module's docstring)."""
 
-    def __init__(self, app: Any, keys: Keys) -> None:
+    def __init__(self, app: Any, keys: Keys, kind_of: Any = None) -> None:
         self.app, self.keys = app, keys
+        self.kind_of = kind_of or kind_of_path  # path -> the key it takes (None: open)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        kind = kind_of_path(scope.get("path", ""))
+        kind = self.kind_of(scope.get("path", ""))
         if kind is None:
             return await self.app(scope, receive, send)
         raw = dict(scope.get("headers") or []).get(b"authorization")

@@ -42,6 +42,8 @@ from fastapi.responses import JSONResponse, Response
 from serve_demo.core import defaults
 from serve_demo.core.observe import DEFAULT_BUCKETS, MetricSpec
 from serve_demo.serve import deadlines, keys
+from serve_demo.serve.kserve_versions import ManagementApp, ModelTable
+from serve_demo.serve.versions import version_key
 
 log = logging.getLogger(__name__)
 
@@ -283,9 +285,9 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def add_routes(app, models: dict, refused_cls, max_request_size: int = 0) -> None:
-    """TorchServe's ``/predictions`` and ``/ping`` beside KServe's routes, and 4xx answers that
-    carry the same JSON body and status as TorchServe's."""
+def add_routes(app, table: ModelTable, refused_cls, max_request_size: int = 0) -> None:
+    """TorchServe's ``/predictions[/VERSION]`` and ``/ping``, OIP's versioned routes (KServe 0.21 has none)
+    beside KServe's own, and 4xx answers that carry the same JSON body and status as TorchServe's."""
     from serve_demo.core import schema
 
     async def refused(request: Request, exc: Exception) -> Response:
@@ -296,18 +298,32 @@ def add_routes(app, models: dict, refused_cls, max_request_size: int = 0) -> Non
         app.add_middleware(BodyLimit, limit=max_request_size)
 
     async def ping() -> Response:
-        ready = all(m.ready for m in models.values())
+        ready = table.ready()
         return JSONResponse({"status": "Healthy" if ready else "Unhealthy"}, status_code=200 if ready else 503)
 
     def lookup(name: str, version: str | None) -> tuple[Any, Response | None]:
-        model = models.get(name)
-        if model is not None and (version is None or version == model.version):
+        model = table.get(name, version)
+        if model is not None:
             return model, None
         what = f"{name} version {version}" if version else name
-        message = (f"model {what} is not served here; served: "
-                   f"{', '.join(f'{n} {m.version}' for n, m in models.items())}")
+        message = f"model {what} is not served here; served: {table.served() or 'none'}"
         return None, JSONResponse({**schema.error_payload(404, "model_not_found", message), "error": message},
                                   status_code=404)
+
+    async def v2_metadata(name: str, version: str | None = None) -> Response:
+        """OIP v2 model metadata of one version (the default without ``version``), with every loaded version."""
+        model, missing = lookup(name, version)
+        if missing:
+            return missing
+        return JSONResponse({"name": name, "versions": sorted(table.models[name], key=version_key), "platform": "",
+                             "inputs": model.get_input_types(), "outputs": model.get_output_types()})
+
+    async def v2_ready(name: str, version: str) -> Response:
+        """OIP v2 readiness of one version."""
+        model, missing = lookup(name, version)
+        if missing:
+            return missing
+        return JSONResponse({"name": name, "ready": bool(model.ready)}, status_code=200 if model.ready else 503)
 
     async def predictions(request: Request, name: str, version: str | None = None) -> Response:
         """TorchServe's route: an image as the body or multipart field, or a v1/v2 envelope."""
@@ -341,21 +357,61 @@ def add_routes(app, models: dict, refused_cls, max_request_size: int = 0) -> Non
     app.add_api_route("/predictions/{name}/{version}", predictions, methods=["POST", "PUT"])
     app.add_api_route("/v2/models/{name}/infer", v2_infer, methods=["POST"])
     app.add_api_route("/v2/models/{name}/versions/{version}/infer", v2_infer, methods=["POST"])
+    app.add_api_route("/v2/models/{name}/versions/{version}", v2_metadata, methods=["GET"])
+    app.add_api_route("/v2/models/{name}", v2_metadata, methods=["GET"])  # KServe's lists no versions
+    app.add_api_route("/v2/models/{name}/versions/{version}/ready", v2_ready, methods=["GET"])
 
 
-def grpc_server(host: str, key_set: keys.Keys | None, **kwargs: Any) -> Any:
-    """KServe's gRPC server listening on ``host`` (KServe 0.21 always takes ``[::]``), keys checked.
+def grpc_server(host: str, key_set: keys.Keys | None, table: ModelTable, **kwargs: Any) -> Any:
+    """KServe's gRPC server listening on ``host`` (KServe 0.21 always takes ``[::]``), keys checked,
+    versions answered from ``table`` (KServe's servicer ignores ``model_version``).
 
     The same servicer, interceptors and message limits as :class:`kserve.protocol.grpc.server.GRPCServer`;
     ``kwargs`` are its constructor's.
     """
     from concurrent import futures
 
+    import grpc
     from grpc import aio
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
     from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
     from kserve.protocol.grpc.server import GRPCServer
     from kserve.protocol.grpc.servicer import InferenceServicer
+    from kserve.protocol.infer_type import InferRequest
+
+    class VersionedServicer(InferenceServicer):
+        """``ModelInfer``, ``ModelReady`` and ``ModelMetadata`` with a version: that version, from the table."""
+
+        async def _version(self, name: str, version: str, context) -> Any:
+            model = table.get(name, version)
+            if model is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"model {name} version {version} is not served here; "
+                                    f"served: {table.served() or 'none'}")
+            return model
+
+        async def ModelInfer(self, request, context):
+            if not request.model_version:
+                return await super().ModelInfer(request, context)
+            model = await self._version(request.model_name, request.model_version, context)
+            self.validate_grpc_request(request)
+            headers = {k: v for k, v in context.invocation_metadata() if not k.startswith("grpc-")}
+            response = await model.predict(InferRequest.from_grpc(request), headers)
+            return response.to_grpc()
+
+        async def ModelReady(self, request, context):
+            if not request.version:
+                return await super().ModelReady(request, context)
+            model = await self._version(request.name, request.version, context)
+            return pb.ModelReadyResponse(ready=bool(model.ready))
+
+        async def ModelMetadata(self, request, context):
+            if not request.version:
+                return await super().ModelMetadata(request, context)
+            model = await self._version(request.name, request.version, context)
+            versions = sorted(table.models[request.name], key=version_key)
+            return pb.ModelMetadataResponse(name=request.name, versions=versions, platform="",
+                                            inputs=model.get_input_types(), outputs=model.get_output_types())
 
     class BoundGRPCServer(GRPCServer):
         async def start(self, max_workers: int) -> None:
@@ -366,7 +422,7 @@ def grpc_server(host: str, key_set: keys.Keys | None, **kwargs: Any) -> Any:
                 options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
                          ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length"))])
             grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-                InferenceServicer(self._data_plane, self._model_repository_extension), self._server)
+                VersionedServicer(self._data_plane, self._model_repository_extension), self._server)
             address = f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}"
             if not self._server.add_insecure_port(address):
                 raise SystemExit(f"kserve_server: gRPC cannot listen on {address} (port taken?)")
@@ -380,7 +436,13 @@ def grpc_server(host: str, key_set: keys.Keys | None, **kwargs: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archive", action="append", required=True,
-                   help="a .mar or its unpacked folder (repeat for several models)")
+                   help="a .mar or its unpacked folder (repeat for several models and versions; a model's first "
+                        "archive is its default version)")
+    p.add_argument("--management-port", type=int, default=0,
+                   help="serve TorchServe's management API for versions (register, set-default, unregister, "
+                        "describe) on 127.0.0.1:PORT, with the management key (default 0: none)")
+    p.add_argument("--model-store", default=None,
+                   help="the folder registrations may load archives from (default: the first archive's folder)")
     p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 when CUDA is available)")
     p.add_argument("--max-request-size", type=int, default=defaults.MAX_REQUEST_SIZE,
                    help=f"largest request body in bytes, HTTP and gRPC (default {defaults.MAX_REQUEST_SIZE}, "
@@ -414,12 +476,15 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     model_cls, refused_cls = build_model_class()
-    models = {}
+    table = ModelTable()
     for archive in args.archive:
         model = model_cls(Path(archive), device, args.threads)
         model.load()
-        models[model.name] = model
-    add_routes(app, models, refused_cls, args.max_request_size)
+        if table.get(model.name, model.version) is not None:
+            raise SystemExit(f"kserve_server: {archive} holds {model.name} {model.version}, given twice; give each "
+                             "version once")
+        table.add(model, Path(archive).name, startup=True)
+    add_routes(app, table, refused_cls, args.max_request_size)
     key_set = keys.write_key_file(args.key_file) if args.auth == "keys" else None
     if key_set:
         app.add_middleware(keys.BearerKeys, keys=key_set)  # outside the body limit: 401 before 413
@@ -428,6 +493,15 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("token authorization off (--auth off): only behind a gateway that authenticates")
     http = deadlines.protocol(args.header_timeout, args.body_idle_timeout)
     grpc_wanted = kserve_model_server.args.enable_grpc
+    store = Path(args.model_store or Path(args.archive[0]).parent)
+
+    async def load(archive: Path) -> Any:
+        model = model_cls(archive, device, args.threads)
+        await asyncio.get_running_loop().run_in_executor(None, model.load)
+        return model
+
+    management = management_server(ManagementApp(table, store, load), args.management_port, key_set,
+                                   http) if args.management_port else None
 
     class Server(ModelServer):
         def setup_event_loop(self) -> None:
@@ -441,13 +515,43 @@ def main(argv: list[str] | None = None) -> int:
             rest.config.http, rest.config.host = http, args.bind
             if grpc_wanted:
                 self._grpc_server = grpc_server(
-                    args.bind, key_set, port=self.grpc_port, data_plane=self.dataplane,
+                    args.bind, key_set, table, port=self.grpc_port, data_plane=self.dataplane,
                     model_repository_extension=self.model_repository_extension,
                     kwargs=vars(kserve_model_server.args), grace_period=self.grace_period)
                 self.servers.append(self._grpc_server.start(self.max_threads))
+            if management is not None:
+                self.servers.append(management.serve())
+                log.info("management API (versions) on 127.0.0.1:%d, management key %s", args.management_port,
+                         "required" if key_set else "off")
 
-    Server(enable_grpc=False).start(list(models.values()))  # KServe's own would listen on [::]
+        def stop(self, sig: int) -> None:
+            if management is not None:
+                management.should_exit = True
+            super().stop(sig)
+
+    server = Server(enable_grpc=False)  # KServe's own gRPC server would listen on [::]
+    table.repository = server.registered_models
+    server.start([table.default(name) for name in table.models])
     return 0
+
+
+def management_server(app: ManagementApp, port: int, key_set: keys.Keys | None, http: Any) -> Any:
+    """A uvicorn server for the management API on loopback (always: as TorchServe's ``:8081``), keyed.
+
+    It leaves the signals to KServe's REST server (KServe's ``stop`` then stops it).
+    """
+    import contextlib
+
+    import uvicorn
+
+    asgi = keys.BearerKeys(app, key_set, kind_of=lambda path: "management") if key_set else app
+
+    class Quiet(uvicorn.Server):
+        def capture_signals(self):
+            return contextlib.nullcontext()
+
+    return Quiet(uvicorn.Config(asgi, host="127.0.0.1", port=port, http=http, lifespan="off", log_level="warning",
+                                access_log=False))
 
 
 if __name__ == "__main__":
