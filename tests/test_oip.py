@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import requests
+import torch
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
@@ -43,6 +44,20 @@ def test_binary_extension_raw_bytes_elements():
     assert parsed.protocol == "v2" and len(parsed.requests) == 2
     assert [tuple(r.image.shape) for r in parsed.requests] == [(3, 150, 200), (3, 48, 64)]
     assert parsed.requests[0].threshold == 0.3
+
+
+@pytest.mark.unit
+def test_binary_extension_base64_elements_mean_the_same_image():
+    """tritonclient with binary_data=True sends a BYTES element as given: base64 text is the image too."""
+    images = [jpeg(1), jpeg(2, (64, 48))]
+    raw = parse_row({"body": bytearray(binary_request(images)[0])}, binary_request(images)[1], HandlerConfig())
+    body, headers = binary_request([base64.b64encode(images[0]), images[1]])
+    mixed = parse_row({"body": bytearray(body)}, headers, HandlerConfig())
+    assert all(torch.equal(a.image, b.image) for a, b in zip(raw.requests, mixed.requests))
+    body, headers = binary_request([b"aGVsbG8="])  # base64 of b"hello": still not an image
+    with pytest.raises(RequestError, match="image 0: .*not an image") as e:
+        parse_row({"body": bytearray(body)}, headers, HandlerConfig())
+    assert e.value.code == 415
 
 
 @pytest.mark.unit

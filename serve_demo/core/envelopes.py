@@ -25,6 +25,8 @@ to the usual error JSON); other requests of the batch are unaffected. TorchServe
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import struct
 from dataclasses import dataclass, field
@@ -205,7 +207,25 @@ def _images_v2(body: dict) -> list[Any]:
     values = _flatten(tensor.get("data"))
     if not values or not all(isinstance(v, (str, bytes, bytearray)) for v in values):
         raise _bad("v2 input data must be a non-empty list of images (base64 strings or raw bytes)")
-    return values
+    return [unwrap_base64(v) if isinstance(v, (bytes, bytearray)) else v for v in values]
+
+
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF")  # JPEG, PNG, GIF, BMP, WebP
+
+
+def unwrap_base64(element: bytes | bytearray) -> bytes | bytearray:
+    """A BYTES element as the image file: itself when it starts like one, else its base64 text decoded.
+
+    The OIP lets a client put base64 text in a BYTES element of the binary extension
+    (tritonclient with ``binary_data=True``) as well as the raw file; both mean the same image. Bytes
+    that are neither stay as they are, and the decoder names them (415 ``not_an_image``).
+    """
+    if bytes(element[:4]).startswith(IMAGE_MAGIC):
+        return element
+    try:
+        return base64.b64decode(bytes(element), validate=True) or element
+    except (binascii.Error, ValueError):
+        return element
 
 
 def v2_options(params: Any) -> dict[str, str]:
