@@ -8,6 +8,7 @@ import socket
 import pytest
 import requests
 
+from serve_demo.serve.kserve_local import KServeServer
 from tests.conftest import encode, read_properties_of, synth_image
 
 pytestmark = pytest.mark.server  # this file's layer (conftest.py: every test declares one)
@@ -34,52 +35,73 @@ def test_shipped_config_keys(server):
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
 
 
-def test_apis_not_reachable_off_loopback(server):
+@pytest.fixture(params=["torchserve", "kserve"])
+def either(request):
+    """Each local server in turn, as ``make serve`` (``SERVER=kserve``) starts it."""
+    return request.getfixturevalue({"torchserve": "server", "kserve": "kserve"}[request.param])
+
+
+def ports(ts) -> list[int]:
+    if isinstance(ts, KServeServer):
+        return [ts.http_port, ts.grpc_port, ts.management_port]
+    return [ts.management_port, ts.metrics_port, ts.inference_port, ts.grpc_inference_port, ts.grpc_management_port]
+
+
+def is_refused(ts, r: requests.Response) -> bool:
+    """A missing or wrong key's answer: TorchServe's 400 ``InvalidKeyException``, the KServe server's 401."""
+    if isinstance(ts, KServeServer):
+        return r.status_code == 401 and r.json()["type"] == "unauthorized"
+    return r.status_code == 400 and r.json()["type"] == "InvalidKeyException"
+
+
+def test_apis_not_reachable_off_loopback(either):
     ip = non_loopback_ipv4()
     if ip is None:
         pytest.skip("this machine has no non-loopback IPv4 address to try")
-    for port in (server.management_port, server.metrics_port, server.inference_port,
-                 server.grpc_inference_port, server.grpc_management_port):
+    for port in ports(either):
         with socket.socket() as s:
             s.settimeout(3)
             assert s.connect_ex((ip, port)) != 0, f"port {port} answers on {ip}"
         with socket.socket() as s:  # the same port does answer on loopback (the test is not vacuous)
             s.settimeout(3)
-            if port not in (server.grpc_inference_port, server.grpc_management_port):
-                assert s.connect_ex(("127.0.0.1", port)) == 0
+            assert s.connect_ex(("127.0.0.1", port)) == 0, port
 
 
-def test_management_needs_the_management_key(server):
+def test_management_needs_the_management_key(either):
+    server = either
     url = f"{server.management_url}/models"
     keys = {"none": {}, "inference key": server.auth("inference"), "wrong": {"Authorization": "Bearer nope"}}
     for name, headers in keys.items():
         r = requests.get(url, headers=headers, timeout=10)
-        assert r.status_code == 400 and r.json()["type"] == "InvalidKeyException", (name, r.text)
-    assert requests.get(url, headers=server.auth(), timeout=10).status_code == 200
+        assert is_refused(server, r), (name, r.status_code, r.text)
+    assert requests.get(url, headers=server.auth("management"), timeout=10).status_code == 200
     r = requests.post(url, params={"url": "shapes-1.0.mar", "model_name": "x"}, timeout=10)
-    assert r.status_code == 400 and r.json()["type"] == "InvalidKeyException"
+    assert is_refused(server, r), r.text
 
 
-def test_inference_needs_the_inference_key(server):
-    """TorchServe 0.12 has one switch for both APIs (docs/security.md)."""
+def test_inference_needs_the_inference_key(either):
+    """TorchServe 0.12 has one switch for both APIs (docs/security.md); the KServe server does the same."""
+    server = either
     url, data = f"{server.inference_url}/predictions/shapes", encode(synth_image(70, (160, 120)))
-    assert requests.post(url, data=data, timeout=30).status_code == 400
-    assert requests.post(url, data=data, headers=server.auth(), timeout=30).status_code == 400
+    assert is_refused(server, requests.post(url, data=data, timeout=30))
+    assert is_refused(server, requests.post(url, data=data, headers=server.auth("management"), timeout=30))
     assert requests.post(url, data=data, headers=server.auth("inference"), timeout=30).status_code == 200
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/evil.mar", "https://example.com/m.mar",
                                  "file:///etc/passwd", "../shapes-1.0.mar", "/etc/hostname"])
-def test_registration_only_from_the_model_store(server, url):
+def test_registration_only_from_the_model_store(either, url):
+    server = either
     r = requests.post(f"{server.management_url}/models", params={"url": url, "model_name": "evil"},
-                      headers=server.auth(), timeout=30)
+                      headers=server.auth("management"), timeout=30)
     assert r.status_code in (400, 404), (url, r.status_code, r.text)
-    models = requests.get(f"{server.management_url}/models", headers=server.auth(), timeout=10).json()["models"]
+    models = requests.get(f"{server.management_url}/models", headers=server.auth("management"),
+                          timeout=10).json()["models"]
     assert "evil" not in {m["modelName"] for m in models}
 
 
-def test_key_file_is_private(server):
-    mode = (server.home / "key_file.json").stat().st_mode & 0o777
+def test_key_file_is_private(either):
+    mode = (either.home / "key_file.json").stat().st_mode & 0o777
     assert mode == 0o600, oct(mode)
 
 
@@ -163,10 +185,9 @@ def test_kserve_grpc_needs_the_key(kserve):
         assert stub.ModelReady(ready, metadata=kserve.grpc_metadata("inference"), timeout=10).ready
 
 
-def test_kserve_key_file_is_private_and_torchserve_shaped(kserve):
+def test_kserve_key_file_is_torchserve_shaped(kserve):
     import json
 
-    assert kserve.key_file.stat().st_mode & 0o777 == 0o600
     entries = json.loads(kserve.key_file.read_text())
     assert set(entries) == {"inference", "management"}
     assert entries["inference"]["key"] != entries["management"]["key"]
@@ -175,8 +196,6 @@ def test_kserve_key_file_is_private_and_torchserve_shaped(kserve):
 
 def test_kserve_published_without_keys_behind_a_gateway(tmp_path, model_store):
     """``PUBLISH=0.0.0.0`` with ``--auth off`` (the Kubernetes manifest's way): reachable off loopback, no key."""
-    from serve_demo.serve.kserve_local import KServeServer
-
     ip = non_loopback_ipv4()
     if ip is None:
         pytest.skip("this machine has no non-loopback IPv4 address to try")
