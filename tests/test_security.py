@@ -9,7 +9,8 @@ import pytest
 import requests
 
 from serve_demo.serve.kserve_local import KServeServer
-from tests.conftest import encode, read_properties_of, synth_image
+from serve_demo.serve.torchserve import TorchServe
+from tests.conftest import ROOT, encode, read_properties_of, synth_image
 
 pytestmark = pytest.mark.server  # this file's layer (conftest.py: every test declares one)
 
@@ -208,3 +209,23 @@ def test_kserve_published_without_keys_behind_a_gateway(tmp_path, model_store):
         assert not ks.key_file.exists()
         r = requests.post(f"http://{ip}:{ks.http_port}/predictions/shapes", data=encode(synth_image(72)), timeout=60)
         assert r.status_code == 200 and isinstance(r.json(), list)
+
+
+def test_torchserve_published_keeps_management_on_loopback(tmp_path, model_store):
+    """``make serve PUBLISH=0.0.0.0``: inference (HTTP, gRPC) and metrics on every interface, management
+    (the guard and TorchServe's private listener) on loopback, keys still required."""
+    ip = non_loopback_ipv4()
+    if ip is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to try")
+    ts = TorchServe.on_free_ports(tmp_path / "home", model_store, base_config=ROOT / "docker" / "config.properties",
+                                  bind="0.0.0.0", models="fixed-1.0.mar")
+    with ts.running(180, expect=["fixed"]):
+        url = f"http://{ip}:{ts.inference_port}/predictions/fixed"
+        assert requests.post(url, data=encode(synth_image(73)), timeout=60).status_code == 400  # no key
+        r = requests.post(url, data=encode(synth_image(73)), headers=ts.auth("inference"), timeout=60)
+        assert r.status_code == 200, r.text
+        assert requests.get(f"http://{ip}:{ts.metrics_port}/metrics", timeout=10).status_code == 200
+        for port in (ts.management_port, ts.upstream_management_port, ts.grpc_management_port):
+            with socket.socket() as s:
+                s.settimeout(3)
+                assert s.connect_ex((ip, port)) != 0, f"management port {port} answers on {ip}"
