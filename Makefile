@@ -30,7 +30,8 @@ MODEL_KWARGS ?=
 GPU_OPTIONS ?=
 BATCH_SIZE ?= 1
 # RUNTIME, the dense layers' runtime (docs/performance.md): auto = the fastest that passes the parity gate on
-# this machine's PARITY_DATA/PARITY_SPLIT images (eager when none is faster); eager | onnxruntime | openvino
+# this machine's PARITY_DATA/PARITY_SPLIT images (eager when none is faster; PARITY_IMAGES, default 8, more for a
+# stricter gate); eager | onnxruntime | openvino
 PARITY_SPLIT ?= valid
 # workers x threads per worker: empty = the serving machine's layout (docs/performance.md)
 WORKERS    ?=
@@ -77,6 +78,7 @@ ARCHIVE_ARGS = --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
 	$(if $(KEEP_DUPLICATE_LABELS),--keep-duplicate-labels) $(if $(CAPTURE),--capture-rate $(CAPTURE)) \
 	--runtime $(RUNTIME) --precision $(PRECISION) \
 	$(if $(filter-out eager,$(RUNTIME)),--parity-data $(PARITY_DATA) --parity-split $(PARITY_SPLIT)) \
+	$(if $(PARITY_IMAGES),--parity-images $(PARITY_IMAGES)) \
 	$(if $(WORKERS),--workers $(WORKERS)) $(if $(THREADS),--threads $(THREADS)) \
 	--export-path $(MODEL_STORE) $(GPU_OPTIONS)
 URLS       := --url http://127.0.0.1:$(INFERENCE_PORT) --management-url http://127.0.0.1:$(MANAGEMENT_PORT)

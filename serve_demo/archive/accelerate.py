@@ -11,19 +11,21 @@ none is faster). bf16 / int8 are recorded with their parity figures but gated by
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import shutil
 from pathlib import Path
 
 import torch
 
+from serve_demo.core import runtime as runtime_module
 from serve_demo.core.config import HandlerConfig
 from serve_demo.core.layout import cpu_layout
 from serve_demo.core.loader import load_detector
-from serve_demo.core.runtime import RUNTIME_DIR, RuntimeConfig, RuntimeManifest, accelerate
+from serve_demo.core.runtime import MANIFEST, RUNTIME_DIR, RuntimeConfig, RuntimeManifest, accelerate
 
 from .export import export_parts
-from .parity import ParityReport, check_parity, validation_images
+from .parity import Answers, ParityReport, answer, compare_answers, validation_images
 from .spec import ArchiveError, ArchiveSpec, importable
 
 log = logging.getLogger(__name__)
@@ -48,10 +50,18 @@ def sample_images(images: list[torch.Tensor]) -> list[torch.Tensor]:
     return [first[:, : max(32, h // 2), :], first[:, :, : max(32, w // 2)]]
 
 
+PROBE_IMAGES = 2  # images each candidate is timed on before the full gate runs on the fastest
+
+
 def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | None, cfg: HandlerConfig,
            labels: dict[int, str], build_dir: Path) -> RuntimeConfig:
     """Export for ``spec.runtime`` (every candidate for ``auto``) into ``stage/runtime``; the runtime
     the archive will name (eager when auto found nothing faster).
+
+    Each candidate is exported once (reused from ``BUILD_DIR/_exports/NAME`` when weights, model, images, runtime and
+    exporter are unchanged) and timed on :data:`PROBE_IMAGES` images; the parity gate then runs on every
+    validation image for the fastest one only, and on the next fastest if it fails. Eager answers are
+    computed once and compared with each candidate that gets that far.
 
     Raises:
         ArchiveError: no parity data, a runtime not installed, or parity failed (with the figures).
@@ -77,58 +87,160 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
     layout = cpu_layout(workers=spec.workers)
     threads = spec.threads or layout.threads
     rt_threads = spec.threads or layout.runtime_threads  # what a worker of the default layout will use
+    probe = images[:PROBE_IMAGES]
+    steps = len(probe) + len(candidates) * (1 + len(probe)) + 2 * (len(images) - len(probe))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # timed as a worker of the default layout runs
     try:
-        eager = _load(stage, weights, model_file, cfg, labels)
-        results: list[tuple[RuntimeConfig, Path, ParityReport]] = []
-        for rt in candidates:
-            folder = build_dir / f"runtime-{rt.label}"
-            shutil.rmtree(folder, ignore_errors=True)
-            try:
-                manifest = export_parts(_load(stage, weights, model_file, cfg, labels), sample_images(images), folder,
-                                        rt, threads, calibration=[im.float() / 255 for im in images])
-            except (ValueError, RuntimeError) as exc:
-                if spec.runtime != "auto":
-                    raise ArchiveError(f"{rt.label}: {exc}") from None
-                log.warning("auto: %s skipped: %s", rt.label, exc)
-                continue
-            accelerated = _load(stage, weights, model_file, cfg, labels)
-            accelerate(accelerated, folder, rt, rt_threads, torch.device("cpu"))
-            report = check_parity(eager, accelerated, images)
-            manifest.parity = {**report.as_dict(), "threads": threads, "runtime_threads": rt_threads,
-                               "gate": "pixel parity" if rt.precision == "fp32" else "promotion mAP gate"}
-            manifest.write(folder)
-            log.info("%s (%s): %s", rt.label, ", ".join(p.path for p in manifest.exported), report.summary())
-            for part in manifest.eager:
-                log.warning("%s: %s stays eager: %s", rt.label, part.path, part.eager_reason)
-            if rt.precision != "fp32":
-                log.warning("%s is not bit-close to eager (%s); it becomes a default only through make promote's "
-                            "mAP gate", rt.label, report.summary())
-            elif not report.passed:
-                if spec.runtime != "auto":
-                    raise ArchiveError(f"{rt.label} fails the parity gate: {report.summary()}; archive with "
-                                       "RUNTIME=eager, or report the model and runtime versions")
-                log.warning("auto: %s fails parity: %s", rt.label, report.summary())
-                continue
-            results.append((rt, folder, report))
+        with Progress(steps) as progress:
+            progress.stage("eager: timing")
+            eager = _load(stage, weights, model_file, cfg, labels)
+            eager_answers = answer(eager, probe, tick=progress.tick)
+            timed: list[tuple[RuntimeConfig, Path, torch.nn.Module, Answers]] = []
+            for rt in candidates:
+                progress.stage(f"{rt.label}: export")
+                try:
+                    folder = _exported(spec, rt, stage, weights, model_file, cfg, labels, images, threads, build_dir)
+                except (ValueError, RuntimeError) as exc:
+                    if spec.runtime != "auto":
+                        raise ArchiveError(f"{rt.label}: {exc}") from None
+                    log.warning("auto: %s skipped: %s", rt.label, exc)
+                    progress.tick(1 + len(probe))
+                    continue
+                progress.tick()
+                progress.stage(f"{rt.label}: timing")
+                accelerated = _load(stage, weights, model_file, cfg, labels)
+                accelerate(accelerated, folder, rt, rt_threads, torch.device("cpu"))
+                timed.append((rt, folder, accelerated, answer(accelerated, probe, tick=progress.tick)))
+            timed.sort(key=lambda t: t[3].median_ms)
+            if timed:
+                log.info("timed on %d image(s): eager %.0f ms; %s", len(probe), eager_answers.median_ms,
+                         ", ".join(f"{rt.label} {a.median_ms:.0f} ms" for rt, _, _, a in timed))
+            chosen = None
+            for rt, folder, accelerated, probed in timed:
+                if spec.runtime == "auto" and eager_answers.median_ms / probed.median_ms < MIN_SPEEDUP:
+                    break  # the fastest is not fast enough: eager
+                progress.stage("eager: parity images")
+                eager_answers = answer(eager, images, done=eager_answers, tick=progress.tick)
+                progress.stage(f"{rt.label}: parity images")
+                progress.extend(len(images) - len(probe) if chosen is False else 0)
+                report = compare_answers(eager_answers, answer(accelerated, images, done=probed, tick=progress.tick))
+                if _record(spec, rt, folder, report, threads, rt_threads):
+                    chosen = (rt, folder, report)
+                    break
+                chosen = False  # a fallback runs a second gate: the bar grows
     finally:
         torch.set_num_threads(before)
-    if not results:
+    if not chosen:
         if spec.runtime == "auto":
-            log.warning("auto: no runtime passed here; the archive runs eager")
+            if timed and chosen is None:
+                rt, _, _, probed = timed[0]
+                log.warning("auto: the fastest runtime, %s, is only %.2fx eager here; the archive runs eager",
+                            rt.label, eager_answers.median_ms / probed.median_ms)
+            else:
+                log.warning("auto: no runtime passed here; the archive runs eager")
             return RuntimeConfig()
         raise ArchiveError(f"{spec.runtime}: nothing to archive")
-    rt, folder, report = max(results, key=lambda r: r[2].speedup)
-    if spec.runtime == "auto" and report.speedup < MIN_SPEEDUP:
-        log.warning("auto: the fastest runtime, %s, is only %.2fx eager here; the archive runs eager",
-                    rt.label, report.speedup)
-        return RuntimeConfig()
+    rt, folder, report = chosen
     shutil.copytree(folder, stage / RUNTIME_DIR)
     manifest = RuntimeManifest.read(stage / RUNTIME_DIR)
     log.info("runtime %s: %d of %d parts exported, %.2fx eager per image (torch %d thread(s), runtime %d)",
              rt.label, len(manifest.exported), len(manifest.parts), report.speedup, threads, rt_threads)
     return rt
+
+
+def _record(spec: ArchiveSpec, rt: RuntimeConfig, folder: Path, report: ParityReport, threads: int,
+            rt_threads: int) -> bool:
+    """Write the gate's figures into the export's manifest; whether ``rt`` may be archived.
+
+    Raises:
+        ArchiveError: a named fp32 runtime failed its gate.
+    """
+    manifest = RuntimeManifest.read(folder)
+    manifest.parity = {**report.as_dict(), "threads": threads, "runtime_threads": rt_threads,
+                       "gate": "pixel parity" if rt.precision == "fp32" else "promotion mAP gate"}
+    manifest.write(folder)
+    log.info("%s (%s): %s", rt.label, ", ".join(p.path for p in manifest.exported), report.summary())
+    for part in manifest.eager:
+        log.warning("%s: %s stays eager: %s", rt.label, part.path, part.eager_reason)
+    if rt.precision != "fp32":
+        log.warning("%s is not bit-close to eager (%s); it becomes a default only through make promote's "
+                    "mAP gate", rt.label, report.summary())
+        return True
+    if report.passed:
+        return True
+    if spec.runtime != "auto":
+        raise ArchiveError(f"{rt.label} fails the parity gate: {report.summary()}; archive with "
+                           "RUNTIME=eager, or report the model and runtime versions")
+    log.warning("auto: %s fails parity: %s", rt.label, report.summary())
+    return False
+
+
+def _exported(spec: ArchiveSpec, rt: RuntimeConfig, stage: Path, weights: Path, model_file: Path | None,
+              cfg: HandlerConfig, labels: dict[int, str], images: list[torch.Tensor], threads: int,
+              build_dir: Path) -> Path:
+    """The folder holding ``rt``'s export of this model: reused when the same inputs made it before."""
+    key = export_key(rt, weights, model_file, cfg, images)
+    cache = build_dir.parent / "_exports" / spec.name  # build_dir is emptied at each build; no name starts with _
+    folder = cache / f"{rt.label}-{key[:16]}"
+    if (folder / MANIFEST).is_file():
+        log.info("%s: reusing the export in %s (same weights, model, images, runtime and exporter)", rt.label, folder)
+        return folder
+    for old in cache.glob(f"{rt.label}-*"):  # one export per runtime is kept
+        shutil.rmtree(old, ignore_errors=True)
+    tmp = cache / f".{folder.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    manifest = export_parts(_load(stage, weights, model_file, cfg, labels), sample_images(images), tmp, rt, threads,
+                            calibration=[im.float() / 255 for im in images])
+    manifest.write(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def export_key(rt: RuntimeConfig, weights: Path, model_file: Path | None, cfg: HandlerConfig,
+               images: list[torch.Tensor]) -> str:
+    """A digest of everything an export depends on: the runtime and its version, torch, the exporter's
+    code, the weights, the model file, the model's configuration and the sample / calibration images."""
+    h = hashlib.sha256()
+    module = __import__(rt.name)
+    h.update(f"{rt.label} {getattr(module, '__version__', '?')} torch {torch.__version__}".encode())
+    for path in (Path(__file__).with_name("export.py"), Path(runtime_module.__file__), weights, model_file):
+        if path is not None:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    h.update(repr(dataclasses.replace(cfg, runtime=None)).encode())
+    for im in images:
+        h.update(str(tuple(im.shape)).encode())
+        h.update(im.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Progress:
+    """A progress bar with the stage's name (shown on a terminal; the stages are logged either way)."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="step", desc="archive", disable=None, leave=False)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def stage(self, name: str) -> None:
+        log.info("archive: %s", name)
+        self.bar.set_description(name)
+
+    def tick(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def extend(self, n: int) -> None:
+        if n:
+            self.bar.total += n
+            self.bar.refresh()
 
 
 def _load(stage: Path, weights: Path, model_file: Path | None, cfg: HandlerConfig,

@@ -74,8 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rt.add_argument("--parity-data", default=_D.parity_data, metavar="DATASET",
                     help="COCO dataset root whose --parity-split images gate the runtime (required with one)")
     rt.add_argument("--parity-split", default=_D.parity_split)
-    rt.add_argument("--parity-images", type=int, default=_D.parity_images, help="images compared (and used "
-                    "to calibrate int8)")
+    rt.add_argument("--parity-images", type=int, default=_D.parity_images, help="images the parity gate "
+                    f"compares (and int8 calibrates on; default {_D.parity_images}; more for a stricter gate)")
     p.add_argument("--mask-threshold", type=float, default=_D.mask_threshold,
                    help=f"mask models: pixel probability kept in the RLE mask (default {_D.mask_threshold})")
     p.add_argument("--keypoint-names", default=_D.keypoint_names, metavar="JSON",

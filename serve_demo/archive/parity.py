@@ -11,6 +11,7 @@ appear on one side only: a 1e-5 difference can move them across the cut. Both mo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,22 +145,45 @@ def compare(eager: dict[str, torch.Tensor], accel: dict[str, torch.Tensor], repo
                     setattr(report, attr, max(getattr(report, attr) or 0.0, d))
 
 
-def check_parity(eager: nn.Module, accelerated: nn.Module, images: list[torch.Tensor],
-                 warmup: int = 2, floor: float = SCORE_FLOOR) -> ParityReport:
-    """Run both models on every image (CPU, the served path) and compare; time each image too."""
+@dataclass
+class Answers:
+    """One model's answers to images, and the time each took (ms): computed once, compared many times."""
+
+    outputs: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    ms: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return _median(self.ms)
+
+
+def answer(model: nn.Module, images: list[torch.Tensor], warmup: int = 1, done: Answers | None = None,
+           tick: Callable[[], None] | None = None) -> Answers:
+    """Run ``model`` on each image (CPU, the served path, one at a time), timed, after ``warmup`` runs;
+    ``done``: answers already computed for the first images (only the rest are run); ``tick`` after each."""
     cpu = torch.device("cpu")
-    for im in images[:warmup]:
-        run_detector(eager, [im], cpu)
-        run_detector(accelerated, [im], cpu)
-    report = ParityReport()
-    for n, im in enumerate(images):
+    out = Answers(list(done.outputs), list(done.ms)) if done else Answers()
+    for im in images[:warmup] if not out.outputs else ():
+        run_detector(model, [im], cpu)
+    for im in images[len(out.outputs):]:
         t0 = time.perf_counter()
-        a = run_detector(eager, [im], cpu)[0]
-        t1 = time.perf_counter()
-        b = run_detector(accelerated, [im], cpu)[0]
-        t2 = time.perf_counter()
-        report.eager_ms.append((t1 - t0) * 1000)
-        report.accelerated_ms.append((t2 - t1) * 1000)
+        out.outputs.append(run_detector(model, [im], cpu)[0])
+        out.ms.append((time.perf_counter() - t0) * 1000)
+        if tick:
+            tick()
+    return out
+
+
+def compare_answers(eager: Answers, accelerated: Answers, floor: float = SCORE_FLOOR) -> ParityReport:
+    """The gate's figures for two models' answers to the same images."""
+    report = ParityReport(eager_ms=list(eager.ms), accelerated_ms=list(accelerated.ms))
+    for n, (a, b) in enumerate(zip(eager.outputs, accelerated.outputs)):
         compare(a, b, report, f"image {n}", floor)
         report.images += 1
     return report
+
+
+def check_parity(eager: nn.Module, accelerated: nn.Module, images: list[torch.Tensor],
+                 warmup: int = 2, floor: float = SCORE_FLOOR) -> ParityReport:
+    """Run both models on every image (CPU, the served path) and compare; time each image too."""
+    return compare_answers(answer(eager, images, warmup), answer(accelerated, images, warmup), floor)
