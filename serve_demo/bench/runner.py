@@ -1,7 +1,8 @@
 """``make bench``: the model's own limits against the servers, measured in one run, per model.
 
-For each model (the demo's ``fcos_tiny`` and a realistic ``fasterrcnn_mobilenet_v3_large_fpn`` at
-its default 800 px size, random weights: compute, not accuracy), on the same images:
+For each model (the demo's ``fcos_tiny``, a realistic ``fasterrcnn_mobilenet_v3_large_fpn`` and, with
+``BENCH_MODELS=...,r50``, the tutorial's ``fasterrcnn_resnet50_fpn``, both at their default 800 px
+size with random weights: compute, not accuracy), on the same images:
 
 * **eager in-process**: the archive's eager model, decode + model + JSON back to back, in each
   layout (1 process x all cores' threads, one single-threaded process per core): the old limit;
@@ -69,6 +70,8 @@ class BenchModel:
 MODELS = {
     "demo": BenchModel("demo", "fcos_tiny", "weights/shapes.pt", "index_to_name/shapes.json", 40),
     "frcnn": BenchModel("frcnn", "fasterrcnn_mobilenet_v3_large_fpn", None, "index_to_name/shapes.json", 16),
+    # what users fine-tune (the tutorial's model): ResNet-50 FPN at 800 px; about 2.5 s an image eager on 2 cores
+    "r50": BenchModel("r50", "fasterrcnn_resnet50_fpn", None, "index_to_name/shapes.json", 8),
 }
 
 
@@ -577,13 +580,15 @@ def platform_cpu() -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="demo,frcnn",
                    help=f"comma-separated, from {sorted(MODELS)} (demo: the committed fcos_tiny; frcnn: "
-                        "fasterrcnn_mobilenet_v3_large_fpn at 800 px, random weights)")
+                        "fasterrcnn_mobilenet_v3_large_fpn at 800 px, random weights; r50: fasterrcnn_resnet50_fpn, "
+                        "the tutorial's model, at 800 px, random weights: about 25 min on 2 cores)")
     p.add_argument("--dataset", default=defaults.DEMO_DATA,
                    help="images to send; its --parity-split gates the runtimes")
     p.add_argument("--split", default="test")
     p.add_argument("--parity-split", default="valid")
     p.add_argument("--images", type=int, default=0,
-                   help="images per measurement (default per model: demo 40, frcnn 16; load phases send twice as many)")
+                   help="images per measurement (default per model: demo 40, frcnn 16, r50 8; load phases send twice "
+                        "as many)")
     p.add_argument("--out", default="reports/bench")
     p.add_argument("--work", default="build/bench", help="archives and server homes")
     p.add_argument("--litserve-port", default="18600")
