@@ -51,6 +51,7 @@ def sample_images(images: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 PROBE_IMAGES = 2  # images each candidate is timed on before the full gate runs on the fastest
+CALIBRATION_IMAGES = 16  # int8 calibrates on at least this many validation images
 
 
 def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | None, cfg: HandlerConfig,
@@ -84,6 +85,9 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
             candidates = [RuntimeConfig.from_yaml({"name": spec.runtime, "precision": spec.precision})]
         except ValueError as exc:
             raise ArchiveError(str(exc)) from None
+    calibration = images
+    if any(rt.precision == "int8" for rt in candidates) and len(images) < CALIBRATION_IMAGES:
+        calibration = validation_images(spec.parity_data, spec.parity_split, CALIBRATION_IMAGES)
     layout = cpu_layout(workers=spec.workers)
     threads = spec.threads or layout.threads
     rt_threads = spec.threads or layout.runtime_threads  # what a worker of the default layout will use
@@ -100,7 +104,8 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
             for rt in candidates:
                 progress.stage(f"{rt.label}: export")
                 try:
-                    folder = _exported(spec, rt, stage, weights, model_file, cfg, labels, images, threads, build_dir)
+                    folder = _exported(spec, rt, stage, weights, model_file, cfg, labels, calibration, threads,
+                                       build_dir)
                 except (ValueError, RuntimeError) as exc:
                     if spec.runtime != "auto":
                         raise ArchiveError(f"{rt.label}: {exc}") from None
