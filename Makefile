@@ -31,7 +31,8 @@ GPU_OPTIONS ?=
 BATCH_SIZE ?= 1
 # RUNTIME, the dense layers' runtime (docs/performance.md): auto = the fastest that passes the parity gate on
 # this machine's PARITY_DATA/PARITY_SPLIT images (eager when none is faster; PARITY_IMAGES, default 8, more for a
-# stricter gate); eager | onnxruntime | openvino
+# stricter gate); eager | onnxruntime | openvino. GRAPH=whole: the whole model in the runtime, not only its
+# dense parts (refused when it does not answer a second image size like eager)
 PARITY_SPLIT ?= valid
 # workers x threads per worker: empty = the serving machine's layout (docs/performance.md)
 WORKERS    ?=
@@ -79,6 +80,7 @@ ARCHIVE_ARGS = --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
 	--runtime $(RUNTIME) --precision $(PRECISION) \
 	$(if $(filter-out eager,$(RUNTIME)),--parity-data $(PARITY_DATA) --parity-split $(PARITY_SPLIT)) \
 	$(if $(PARITY_IMAGES),--parity-images $(PARITY_IMAGES)) \
+	$(if $(GRAPH),--graph $(GRAPH)) \
 	$(if $(WORKERS),--workers $(WORKERS)) $(if $(THREADS),--threads $(THREADS)) \
 	--export-path $(MODEL_STORE) $(GPU_OPTIONS)
 URLS       := --url http://127.0.0.1:$(INFERENCE_PORT) --management-url http://127.0.0.1:$(MANAGEMENT_PORT)

@@ -12,7 +12,9 @@ measures, on the parity images (the served path, one image at a time, ``--thread
 * the whole graph in ONNX Runtime and in OpenVINO (``torch.onnx.export(dynamo=False)``, opset 17,
   height and width dynamic);
 
-and checks each against eager with the archive's parity gate (:mod:`serve_demo.archive.parity`).
+on images cropped to different sizes (the dataset's are all one size, and a trace can freeze one),
+
+checking each against eager with the archive's parity gate (:mod:`serve_demo.archive.parity`).
 It prints a table (median ms per image, speed-up over eager, the gate's verdict) and writes
 ``reports/whole_graph.json``. Random-weight models keep up to 1,000 proposals, as an untrained model
 does; figures are compute, not accuracy. Check ``uptime`` first: another job halves them.
@@ -36,6 +38,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from serve_demo.archive.accelerate import sample_images  # noqa: E402
 from serve_demo.archive.export import export_parts  # noqa: E402
 from serve_demo.archive.parity import answer, compare_answers, validation_images  # noqa: E402
 from serve_demo.core.loader import read_label_map  # noqa: E402
@@ -68,6 +71,13 @@ class WholeGraph(nn.Module):
         return out
 
 
+def varied(image: torch.Tensor, i: int) -> torch.Tensor:
+    """The ``i``-th image cropped to its own size and aspect (the dataset's are all one size): a graph whose
+    trace froze a size answers the others wrongly, and the gate sees it."""
+    h, w = image.shape[1:]
+    return image[:, : h - (i * 37) % (h // 2), : w - (i * 53) % (w // 2)].contiguous()
+
+
 def eager_model(key: str) -> nn.Module:
     arch, weights = MODELS[key]
     torch.manual_seed(0)
@@ -95,7 +105,7 @@ def measure(key: str, images: list[torch.Tensor], threads: int, work: Path) -> l
     reference = answer(eager, images)
     rows = [{"model": key, "variant": "eager torch", "median_ms": round(reference.median_ms, 1), "speedup": 1.0,
              "parity": "-", "export_s": 0.0}]
-    samples = [images[0].float() / 255, images[0][:, : images[0].shape[1] // 2].float() / 255]
+    samples = sample_images(images)  # the archive's: a wide and a tall crop, so every size dimension varies
     whole_path = work / f"{key}-whole.onnx"
     t0 = time.perf_counter()
     try:
@@ -154,7 +164,7 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "reports" / "whole_graph.json"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    images = validation_images(args.dataset, "valid", args.images)
+    images = [varied(im, i) for i, im in enumerate(validation_images(args.dataset, "valid", args.images))]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models.split(","):

@@ -326,6 +326,45 @@ def test_parity_gate_refuses_an_archive_that_answers_differently(tmp_path, parit
     assert not list(tmp_path.glob("*.mar"))
 
 
+@pytest.mark.integration
+def test_whole_graph_traced_at_one_size_is_refused_when_it_answers_another_differently(tmp_path, parity_data):
+    """GRAPH=whole: the classic exporter's whole fcos_tiny answers other image sizes up to ~2 px off eager
+    (scripts/whole_graph.py): refused with the figures, nothing written."""
+    spec = archive_args(name="shapes", weights=str(DEMO_WEIGHTS), labels=str(DEMO_LABELS), arch="fcos_tiny",
+                        runtime="onnxruntime", graph="whole", parity_data=str(parity_data), parity_images=4,
+                        export_path=str(tmp_path), build_dir=str(tmp_path / "b"))
+    # refused by the export check (a second size) or by the gate (the parity images' sizes), with figures
+    with pytest.raises(ArchiveError, match=r"onnxruntime-whole(: the whole graph traced on a \(\d+, \d+\) image "
+                                           r"answers a \(\d+, \d+\) one unlike eager| fails the parity gate: "
+                                           r".*max box difference [0-9.]+ px)"):
+        build(spec)
+    assert not list(tmp_path.glob("*.mar"))
+
+
+@pytest.mark.integration
+def test_a_whole_graph_runtime_stands_in_for_the_model_call(tmp_path):
+    """The worker's side of GRAPH=whole: ``model(images)`` answered by one graph per image, parity at the
+    traced size (where the classic exporter's graph is exact)."""
+    from serve_demo.archive.export import export_whole
+
+    model = build_model("fcos_tiny", 6).eval()
+    model.load_state_dict(torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True))
+    image = synth_image(5, (320, 240))
+    tensor = torch.from_numpy(__import__("numpy").array(image)).permute(2, 0, 1).contiguous()
+    sample = tensor.float() / 255
+    rt = RuntimeConfig("onnxruntime", graph="whole")
+    manifest = export_whole(model, [sample, sample.flip(-1)], tmp_path, rt)  # one size: the check passes
+    assert manifest.graph == "whole" and manifest.exported[0].out_spec == ["boxes", "scores", "labels"]
+    fast = build_model("fcos_tiny", 6).eval()
+    fast.load_state_dict(model.state_dict())
+    accelerate(fast, tmp_path, rt, 1, torch.device("cpu"))
+    assert thread_choice(fast) is None and isinstance(fast.whole_graph, nn.Module)
+    report = parity.check_parity(model, fast, [tensor, tensor.flip(-1)], warmup=0)
+    assert report.passed and report.detections > 0, report.summary()
+    with pytest.raises(ValueError, match="graph"):  # an archive's config and its files must agree
+        accelerate(build_model("fcos_tiny", 6).eval(), tmp_path, RuntimeConfig("onnxruntime"), 1, torch.device("cpu"))
+
+
 # --- served side by side ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from serve_demo.core import defaults
-from serve_demo.core.config import LABEL_FILE, HandlerConfig
+from serve_demo.core.config import GRAPHS, LABEL_FILE, HandlerConfig
 from serve_demo.core.loader import ModelFileError, duplicate_labels, load_detector, program_kind, read_label_map
 from serve_demo.core.models import DEMO_ARCH, available_archs, fit_state_dict, load_state_dict_file, task_of
 from serve_demo.core.pipeline import keypoint_names_for
@@ -71,6 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rt.add_argument("--precision", default=_D.precision, choices=PRECISIONS,
                     help="openvino only: bf16 or int8 (NNCF post-training quantization on the parity images) "
                          "are not bit-close, so they skip pixel parity and must pass make promote's mAP gate")
+    rt.add_argument("--graph", default=_D.graph, choices=GRAPHS,
+                    help="parts: the dense parts in the runtime, torch keeps the transform, RoIAlign, NMS and box "
+                         "decoding (default); whole: the whole model([image]) call in the runtime (classic ONNX "
+                         "exporter), kept only if it answers a second image size like eager (docs/performance.md)")
     rt.add_argument("--parity-data", default=_D.parity_data, metavar="DATASET",
                     help="COCO dataset root whose --parity-split images gate the runtime (required with one)")
     rt.add_argument("--parity-split", default=_D.parity_split)
@@ -121,7 +125,8 @@ def model_config(spec: ArchiveSpec, arch: str | None, runtime: RuntimeConfig | N
     if spec.capture_rate:
         handler["capture"] = {"enabled": True, "rate": spec.capture_rate}
     if runtime is not None and runtime.accelerated:
-        handler["runtime"] = {"name": runtime.name, "precision": runtime.precision}
+        handler["runtime"] = {"name": runtime.name, "precision": runtime.precision,
+                              **({"graph": runtime.graph} if runtime.graph != "parts" else {})}
     HandlerConfig.from_yaml(handler)  # same validation as the worker
     workers = {"minWorkers": spec.workers, "maxWorkers": spec.workers} if spec.workers > 0 else {}
     return {**workers, "batchSize": spec.batch_size, "maxBatchDelay": spec.max_batch_delay, "responseTimeout": 120,

@@ -157,6 +157,54 @@ def export_parts(model: nn.Module, images: list[torch.Tensor], folder: Path, run
     return manifest
 
 
+WHOLE_FILE = "model.onnx"
+
+
+def export_whole(model: nn.Module, images: list[torch.Tensor], folder: Path, runtime: RuntimeConfig,
+                 threads: int = 1) -> RuntimeManifest:
+    """Export the whole ``model([image])`` call (transform, heads, anchors, RoIAlign, NMS, box decoding and
+    resizing back) to ``folder/model.onnx`` with the classic exporter, height and width dynamic.
+
+    Traced on ``images[0]``; the graph must then answer ``images[1]`` (another size) like eager does,
+    by the parity gate's matching rule, else it is refused: a size frozen by the trace shows there.
+
+    Raises:
+        ValueError: the export failed, or the graph answers the second image differently (the reason).
+    """
+    from .parity import ParityReport, compare
+
+    if len(images) < 2:
+        raise ValueError("export needs two sample images of different sizes")
+    if runtime.precision == "int8":
+        raise ValueError("int8 quantizes the dense parts only (graph: parts)")
+    folder.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    with torch.no_grad():
+        first, second = (model([im])[0] for im in images[:2])
+    keys = list(first)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, ([images[0]],), str(folder / WHOLE_FILE), dynamo=False, opset_version=OPSET,
+                              input_names=["image"], output_names=keys,
+                              dynamic_axes={"image": [1, 2], **{k: [0] for k in keys}}, do_constant_folding=True)
+    except Exception as exc:  # noqa: BLE001 - any exporter failure is this graph's refusal, with the reason
+        raise ValueError(f"whole-graph ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                         ) from None
+    session = open_session(folder / WHOLE_FILE, runtime, threads, torch.device("cpu"))
+    got = dict(zip(keys, session.run([images[1]])))
+    got["labels"] = got["labels"].long()
+    report = ParityReport()
+    compare({k: v.float() if k != "labels" else v for k, v in second.items()}, got, report, "the second sample")
+    if report.unmatched or report.label_mismatches or report.max_box_diff > 0.5 or report.max_score_diff > 1e-3:
+        raise ValueError(f"the whole graph traced on a {tuple(images[0].shape[1:])} image answers a "
+                         f"{tuple(images[1].shape[1:])} one unlike eager ({report.summary()})")
+    record = PartRecord("*", WHOLE_FILE, out_spec=keys, dynamic=[[1, 2]], max_abs_diff=report.max_box_diff)
+    manifest = RuntimeManifest(runtime.name, runtime.precision, [record], graph="whole")
+    manifest.write(folder)
+    return manifest
+
+
 def _export_onnx(module: nn.Module, inputs: list[torch.Tensor], n_out: int, dynamic: list[list[int]],
                  path: Path) -> None:
     names = [f"in{i}" for i in range(len(inputs))]

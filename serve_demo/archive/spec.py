@@ -58,6 +58,7 @@ class ArchiveSpec:
     capture_rate: float = 0.0  # > 0: keep this share of the uncertain images for labelling (handler.capture)
     runtime: str = defaults.RUNTIME  # eager | onnxruntime | openvino | auto (the fastest passing parity here)
     precision: str = defaults.PRECISION  # openvino only: bf16 / int8 skip pixel parity and must pass the promotion gate
+    graph: str | None = None  # parts | whole (None: parts)
     parity_data: str | None = None  # COCO dataset root whose parity_split images gate an accelerated runtime
     parity_split: str = "valid"
     parity_images: int = 8  # the gate's images (the fastest candidate only; each candidate is timed on 2 first)

@@ -18,6 +18,7 @@ from .imaging import RequestError
 
 RUNTIMES = ("eager", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")  # bf16/int8: OpenVINO only, not bit-close: gated by mAP, not parity
+GRAPHS = ("parts", "whole")  # the dense parts exported (torch keeps the rest), or the whole model([image]) call
 
 LABEL_FILE = "index_to_name.json"  # the label map's name inside an archive
 
@@ -28,6 +29,7 @@ class RuntimeConfig:
 
     name: str = "eager"
     precision: str = "fp32"
+    graph: str = "parts"  # parts: the dense parts in the runtime; whole: transform and post-processing too
 
     @classmethod
     def from_yaml(cls, section: dict | str | None) -> RuntimeConfig:
@@ -36,9 +38,9 @@ class RuntimeConfig:
             return cls()
         if isinstance(section, str):
             section = {"name": section}
-        if not isinstance(section, dict) or set(section) - {"name", "precision"}:
+        if not isinstance(section, dict) or set(section) - {"name", "precision", "graph"}:
             raise ValueError("model-config.yaml handler.runtime must be {name: eager|onnxruntime|openvino, "
-                             "precision: fp32|bf16|int8}")
+                             "precision: fp32|bf16|int8, graph: parts|whole}")
         cfg = cls(**section)
         if cfg.name not in RUNTIMES:
             raise ValueError(f"model-config.yaml handler.runtime.name must be one of {RUNTIMES}, got {cfg.name!r}")
@@ -47,6 +49,10 @@ class RuntimeConfig:
                              f"got {cfg.precision!r}")
         if cfg.precision != "fp32" and cfg.name != "openvino":
             raise ValueError(f"precision {cfg.precision} needs the openvino runtime (got {cfg.name})")
+        if cfg.graph not in GRAPHS:
+            raise ValueError(f"model-config.yaml handler.runtime.graph must be one of {GRAPHS}, got {cfg.graph!r}")
+        if cfg.graph == "whole" and cfg.precision == "int8":
+            raise ValueError("int8 quantizes the dense parts only: give graph: parts with precision int8")
         return cfg
 
     @property
@@ -55,7 +61,9 @@ class RuntimeConfig:
 
     @property
     def label(self) -> str:
-        return self.name if self.precision == "fp32" else f"{self.name}-{self.precision}"
+        """``openvino``, ``openvino-int8``, ``onnxruntime-whole``, ..."""
+        whole = "-whole" if self.graph == "whole" else ""
+        return f"{self.name}{whole}" if self.precision == "fp32" else f"{self.name}{whole}-{self.precision}"
 
 
 @dataclass(frozen=True)

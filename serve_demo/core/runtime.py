@@ -74,6 +74,7 @@ class RuntimeManifest:
     parts: list[PartRecord]
     parity: dict = field(default_factory=dict)
     torch_version: str = torch.__version__
+    graph: str = "parts"  # whole: one part, WHOLE_PATH, the model([image]) call
 
     @property
     def exported(self) -> list[PartRecord]:
@@ -285,6 +286,28 @@ class CompiledPart(nn.Module):
         return f"{self.record.path} -> {self.record.file}"
 
 
+WHOLE_PATH = "whole_graph"
+
+
+class WholeGraph(CompiledPart):
+    """Stands in for the whole ``model(images)`` call: one graph run per image (the transform, anchors,
+    RoIAlign, NMS and box decoding inside it); the answer's keys are the record's ``out_spec``."""
+
+    def forward(self, images: list[torch.Tensor], targets: Any = None) -> list[dict[str, torch.Tensor]]:
+        if targets is not None:
+            raise ValueError("a whole-graph runtime only answers (no training targets)")
+        session = self.wide if self.wide is not None and self.choice is not None and self.choice.use_wide \
+            else self.session
+        answers = []
+        for image in images:
+            outs = session.run([image])
+            answer = dict(zip(self.record.out_spec, (o.to(self.device, non_blocking=True) for o in outs)))
+            if "labels" in answer:
+                answer["labels"] = answer["labels"].long()
+            answers.append(answer)
+        return answers
+
+
 def thread_choice(model: nn.Module) -> ThreadChoice | None:
     """The :class:`ThreadChoice` of a model whose parts have wide sessions (None otherwise)."""
     return next((m.choice for m in model.modules() if isinstance(m, CompiledPart) and m.choice), None)
@@ -300,11 +323,21 @@ def accelerate(model: nn.Module, folder: Path, runtime: RuntimeConfig, threads: 
         RuntimeUnavailable / FileNotFoundError: the runtime or a part's file is missing.
     """
     manifest = RuntimeManifest.read(folder)
-    if manifest.runtime != runtime.name or manifest.precision != runtime.precision:
-        raise ValueError(f"{folder / MANIFEST} holds {manifest.runtime}/{manifest.precision} parts but "
-                         f"model-config.yaml asks for {runtime.name}/{runtime.precision}: rebuild the archive")
+    if (manifest.runtime, manifest.precision, manifest.graph) != (runtime.name, runtime.precision, runtime.graph):
+        raise ValueError(f"{folder / MANIFEST} holds {manifest.runtime}/{manifest.precision}/{manifest.graph} "
+                         f"graphs but model-config.yaml asks for {runtime.name}/{runtime.precision}/{runtime.graph}: "
+                         "rebuild the archive")
     dual = device.type == "cpu" and wide_threads is not None and wide_threads > threads
     choice = ThreadChoice(threads, wide_threads) if dual else None
+    if manifest.graph == "whole":
+        (rec,) = manifest.exported
+        wide = open_session(folder / rec.file, runtime, wide_threads, device) if dual else None
+        whole = WholeGraph(open_session(folder / rec.file, runtime, threads, device), rec, device, wide, choice)
+        model.add_module(WHOLE_PATH, whole)  # found by thread_choice; model(images) now calls it
+        model.forward = whole.forward
+        log.info("runtime %s: the whole model (transform, heads, post-processing) runs in %s", runtime.label,
+                 runtime.name)
+        return manifest
     for rec in manifest.exported:
         if submodule(model, rec.path) is None:
             raise ValueError(f"{rec.path} was exported but the model has no such part: the archive's model "
