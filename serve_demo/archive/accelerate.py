@@ -74,8 +74,9 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
         images = validation_images(spec.parity_data, spec.parity_split, spec.parity_images)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise ArchiveError(f"parity images: {exc}") from None
-    # the whole graph only when asked: traced at one size, it answered others up to 1.9 px off on every family
-    # measured (scripts/whole_graph.py), beyond the gate's 0.5 px; its export check refuses it then
+    # the whole graph only when asked (GRAPH=whole): fcos_tiny's and the MobileNet FPN's answer other sizes
+    # 1.9 px off; R50-FPN's passed at 2 threads but not at the worker's 1 (1.72 px, 6 unmatched), and trying
+    # it made the R50 archive 117 s instead of 84 (docs/performance.md, scripts/whole_graph.py)
     graphs = (spec.graph,) if spec.graph else ("parts",)
     if spec.runtime == "auto":
         candidates = [RuntimeConfig(n, graph=g) for n in AUTO_CANDIDATES if installed(n) for g in graphs]
