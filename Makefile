@@ -192,8 +192,8 @@ sbom: $(STAMP) ## CycloneDX SBOM of IMAGE_TAG's Python packages -> reports/sbom/
 container-engine: ## check for docker/podman; install podman (root + apt-get) when there is none
 	@$(CONTAINER) engine
 
-bench: $(DATA)/.synth.json | $(STAMP) ## on a quiet machine: in-process eager + runtimes vs ours, stock, LitServe (BENCH_MODELS) -> reports/bench
-	$(PY) -m serve_demo bench --models $(BENCH_MODELS) --dataset $(DATA) --split $(SPLIT)
+bench: $(DATA)/.synth.json | $(STAMP) ## on a quiet machine: in-process eager + runtimes vs ours (TorchServe, KServe), stock, LitServe (BENCH_MODELS) -> reports/bench
+	$(PY) -m serve_demo bench --models $(BENCH_MODELS) --dataset $(DATA) --split $(SPLIT) --kserve
 
 key: ## print the running server's inference key (curl ... -H "Authorization: Bearer $$(make -s key)")
 	@$(PY) -c "from serve_demo.serve.management import read_key; import sys; k = read_key('$(HOME_DIR)', 'inference'); \
