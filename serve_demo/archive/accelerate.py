@@ -130,8 +130,9 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
             for rt, folder, accelerated, probed in timed:
                 if spec.runtime == "auto" and eager_answers.median_ms / probed.median_ms < MIN_SPEEDUP:
                     break  # the fastest is not fast enough: eager
-                progress.stage("eager: parity images")
-                eager_answers = answer(eager, images, done=eager_answers, tick=progress.tick)
+                if len(eager_answers.outputs) < len(images):  # once, for the first candidate gated
+                    progress.stage("eager: parity images")
+                    eager_answers = answer(eager, images, done=eager_answers, tick=progress.tick)
                 progress.stage(f"{rt.label}: parity images")
                 progress.extend(len(images) - len(probe) if chosen is False else 0)
                 report = compare_answers(eager_answers, answer(accelerated, images, done=probed, tick=progress.tick))
