@@ -73,8 +73,8 @@ def triton(ts, protocol: str, element: bytes, binary: bool = True) -> int | str:
     from tritonclient.utils import InferenceServerException
 
     module = thttp if protocol == "http" else tgrpc
-    url = f"127.0.0.1:{ts.inference_port if hasattr(ts, 'inference_port') else ts.http_port}"
-    client = module.InferenceServerClient(url if protocol == "http" else f"127.0.0.1:{_grpc_port(ts)}")
+    http = ts.inference_url.removeprefix("http://")
+    client = module.InferenceServerClient(http if protocol == "http" else f"127.0.0.1:{_grpc_port(ts)}")
     images = module.InferInput("images", [1], "BYTES")
     kwargs = {"binary_data": binary} if protocol == "http" else {}
     images.set_data_from_numpy(np.array([element], dtype=np.object_), **kwargs)

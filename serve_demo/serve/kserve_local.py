@@ -22,7 +22,7 @@ import requests
 
 from serve_demo.core import defaults
 
-from .management import read_key
+from .management import Management, ManagementError, read_key
 from .process import Background, free_ports
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,6 @@ class KServeServer:
 
     def models_status(self) -> dict[str, list[dict]]:
         """``{name: [version descriptions]}`` from the management API, as TorchServe's."""
-        from .management import Management
-
         mgmt = Management(self.management_url, home=self.home, timeout=5)
         return {n: mgmt.versions(n) for n in mgmt.models()}
 
@@ -154,8 +152,6 @@ class KServeServer:
                 return None
             if not self.management_port:
                 return {n: [{"modelName": n, "workers": [{"status": "READY"}]}] for n in status}
-            from .management import ManagementError
-
             try:
                 described = self.models_status()
             except ManagementError as exc:  # its listener opens a moment after the inference one

@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
 
     server = Server(enable_grpc=False)  # KServe's own gRPC server would listen on [::]
     table.repository = server.registered_models
-    server.start([table.default(name) for name in table.models])
+    server.start([table.get(name) for name in table.models])
     return 0
 
 

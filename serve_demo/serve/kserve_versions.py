@@ -69,9 +69,6 @@ class ModelTable:
         versions = self.models.get(name, {})
         return versions.get(version if version is not None else self.defaults.get(name, ""))
 
-    def default(self, name: str) -> Any:
-        return self.get(name)
-
     def set_default(self, name: str, version: str) -> None:
         model = self.get(name, version)
         if model is None:
