@@ -58,6 +58,17 @@ IMAGE      ?= $(DATA)/test/test_00000.jpg
 DRAW       ?= reports/demo/detections.png
 UI_PORT    ?= 8090
 VIDEO      ?=
+# make stream: SOURCES (files, rtsp://..., /dev/videoN; default: a generated clip of moving shapes with its truth),
+# LINE / ZONE in pixels, STREAM_OUT, MAX_FPS, PACE (files: fast | realtime), DURATION_S; or SOURCES_FILE (watched)
+SOURCES    ?=
+SOURCES_FILE ?=
+STREAM_OUT ?= reports/stream
+STREAM_CLIP := build/stream/shapes.mp4
+LINE       ?= $(if $(SOURCES)$(SOURCES_FILE),,door=160,0,160,240)
+ZONE       ?=
+MAX_FPS    ?=
+PACE       ?=
+DURATION_S ?=
 VIDEO_OUT  ?= reports/video/$(NAME).mp4
 EVERY      ?= 1
 INFLIGHT   ?= 4
@@ -97,7 +108,8 @@ PARITY_NEEDS := $(if $(filter-out eager,$(RUNTIME)),$(if $(filter $(DATA),$(PARI
 
 .PHONY: help setup check-env data data-masks pennfudan train train-demo train-masks archive serve stop predict evaluate demo test test-unit lint format clean \
 	register versions promote rollback compare key loadtest soak docker-build docker-run docker-stop docker-key sbom \
-	container-engine bench video ui browser prometheus-tools prometheus prometheus-stop drift dashboard collect
+	container-engine bench video ui browser prometheus-tools prometheus prometheus-stop drift dashboard collect \
+	stream clip rtsp-server
 
 help: ## list the targets
 	@echo "Usage: make TARGET [VAR=value ...]   (NAME=$(NAME) VERSION=$(VERSION) ARCH=$(ARCH))"
@@ -107,7 +119,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON_SYS) scripts/check_java.py
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,int8]'
+	$(PY) -m pip install --quiet -e '.[dev,int8,stream]'
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create .venv with pinned torch/torchserve and check Java 11+
@@ -216,7 +228,7 @@ $(PROMETHEUS_BIN):
 
 prometheus-tools: $(PROMETHEUS_BIN) ## install Prometheus + promtool (Debian) for make prometheus and the tests
 
-prometheus: $(PROMETHEUS_BIN) $(STAMP) ## a Prometheus on 127.0.0.1:9090 scraping the server's :8082 (alerts loaded)
+prometheus: $(PROMETHEUS_BIN) $(STAMP) ## a Prometheus on 127.0.0.1:9090 scraping the server's :8082 and make stream's :8095 (alerts loaded)
 	$(PY) -m serve_demo prometheus --target 127.0.0.1:$(METRICS_PORT)
 
 prometheus-stop: ## stop make prometheus's Prometheus
@@ -244,6 +256,35 @@ video: $(STAMP) ## VIDEO=file-or-stream-URL through the server -> VIDEO_OUT (.mp
 	@test -n "$(VIDEO)" || { echo "usage: make video VIDEO=clip.mp4 [VIDEO_OUT=reports/video/out.mp4 EVERY=1 INFLIGHT=4]"; exit 2; }
 	$(PY) -m serve_demo video $(VIDEO) --out $(VIDEO_OUT) --model $(NAME) --every $(EVERY) --inflight $(INFLIGHT) \
 		--url http://127.0.0.1:$(INFERENCE_PORT) --home $(HOME_DIR)
+
+$(STREAM_CLIP): | $(STAMP)
+	$(PY) -m serve_demo clip $@
+
+clip: $(STREAM_CLIP) ## the moving-shapes clip with its truth (tracks, line crossings) -> build/stream/shapes.mp4
+
+stream: $(if $(SOURCES)$(SOURCES_FILE),,$(STREAM_CLIP)) | $(STAMP) ## SOURCES="cam.mp4 rtsp://..." through the server: tracks, counts -> STREAM_OUT, live page :8095
+	$(PY) -m serve_demo stream $(or $(SOURCES),$(if $(SOURCES_FILE),,$(STREAM_CLIP))) --out $(STREAM_OUT) --model $(NAME) \
+		--inflight $(INFLIGHT) --url http://127.0.0.1:$(INFERENCE_PORT) --home $(HOME_DIR) \
+		$(if $(SOURCES_FILE),--sources-file $(SOURCES_FILE)) $(foreach l,$(LINE),--line $(l)) $(foreach z,$(ZONE),--zone $(z)) \
+		$(if $(MAX_FPS),--max-fps $(MAX_FPS)) $(if $(PACE),--pace $(PACE)) $(if $(DURATION_S),--duration $(DURATION_S))
+	@if [ -z "$(SOURCES)$(SOURCES_FILE)" ]; then $(PY) -m serve_demo track-score $(STREAM_OUT)/shapes.jsonl \
+		$(STREAM_CLIP).truth.json | head -1; fi
+
+# a local RTSP server (GStreamer's, Debian packages) for trying make stream on a "camera", and for the tests
+RTSP := /usr/lib/python3/dist-packages/gi/__init__.py /usr/lib/x86_64-linux-gnu/girepository-1.0/GstRtspServer-1.0.typelib \
+	/usr/lib/x86_64-linux-gnu/gstreamer-1.0/libgstrtp.so
+$(RTSP):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good gstreamer1.0-plugins-base python3-gi >/dev/null; \
+	else echo "the RTSP tests need GStreamer's RTSP server: sudo apt-get install gir1.2-gst-rtsp-server-1.0" \
+		"gstreamer1.0-plugins-good python3-gi"; exit 2; fi
+
+rtsp-server: $(RTSP) build/stream/shapes.mkv ## serve the moving-shapes clip as a camera: rtsp://127.0.0.1:8554/shapes (Ctrl-C stops)
+	/usr/bin/python3 scripts/rtsp_server.py --port 8554 --mount shapes=build/stream/shapes.mkv
+
+build/stream/shapes.mkv: | $(STAMP)
+	$(PY) -m serve_demo clip $@
 
 predict: $(STAMP) ## post IMAGE to NAME and draw the boxes into DRAW
 	$(PY) -m serve_demo predict $(IMAGE) --model $(NAME) --draw $(DRAW) \
@@ -276,7 +317,7 @@ demo: data $(NEEDS_DATA) ## end to end: setup, data, archive the committed model
 		--url http://127.0.0.1:$(INFERENCE_PORT)
 	@echo "annotated picture: $(DRAW); TorchServe keeps running (make stop); look at it in a browser: make ui"
 
-test: $(STAMP) $(BROWSER) $(PROMETHEUS_BIN) ## lint, then the test suite: unit, integration, real TorchServe + KServe, Prometheus, Chromium, the image
+test: $(STAMP) $(BROWSER) $(PROMETHEUS_BIN) $(RTSP) ## lint, then the test suite: unit, integration, real TorchServe + KServe, Prometheus, Chromium, the image
 	@$(MAKE) --no-print-directory lint
 	@$(MAKE) --no-print-directory docker-build
 	$(PY) -m pytest tests -q

@@ -35,6 +35,12 @@ COMMANDS: dict[str, Command] = {
                   "serve.ui", "add_arguments", "main"),
     "video": Command("a video file or stream through the server -> annotated video + JSON lines",
                      "serve.video", "add_arguments", "main"),
+    "stream": Command("live sources (cameras, RTSP, files) through the server: tracks, counts, MP4, JSON lines, "
+                      "MJPEG, metrics", "stream.cli", "add_arguments", "main"),
+    "clip": Command("a clip of moving shapes with its truth (tracks, line crossings) for make stream and the tests",
+                    "stream.clip", "add_arguments", "main"),
+    "track-score": Command("MOTA, IDF1, ID switches and line counts of a stream's JSON lines against a clip's truth",
+                           "evaluate.tracking", "add_arguments", "main"),
     "evaluate": Command("COCO mAP and F2 of a model on a dataset split", "evaluate.evaluator",
                         "add_arguments", "main"),
     "versions": Command("list a model's versions: default, served or not, workers, archive",

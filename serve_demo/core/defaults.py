@@ -42,6 +42,8 @@ PROMETHEUS_URL = "http://127.0.0.1:9090"
 HEADER_TIMEOUT_S = 10.0  # listeners we own (KServe server, UI, guard): seconds to send a request's line and headers
 BODY_IDLE_TIMEOUT_S = 10.0  # ... and the longest pause while sending its body; then the connection is closed
 GATE_TOLERANCE = 0.005  # largest mAP@[.5:.95] drop a promotion accepts
+STREAM_PORT = 8095  # serve_demo stream: its live MJPEG page, /status and /metrics (Prometheus), on loopback
+STREAM_INFLIGHT = 4  # serve_demo stream: requests in flight across all its sources (the server's capacity)
 
 _PORTS = ("INFERENCE_PORT", "MANAGEMENT_PORT", "METRICS_PORT", "GRPC_INFERENCE_PORT", "GRPC_MANAGEMENT_PORT")
 

@@ -68,6 +68,19 @@ PANELS: tuple[Panel, ...] = (
         Query(_mean("sum(rate(BatchSize_sum[5m]))", "sum(rate(BatchSize_count[5m]))"), "requests per batch"),
         Query(_mean("sum(rate(ImageMegapixels_sum[5m]))", "sum(rate(ImageMegapixels_count[5m]))"), "megapixels")),
         "short"),
+    # serve_demo stream's page (make stream), scraped beside the server
+    Panel("Streams: frames/s in and answered", (
+        Query("sum by (source) (rate(stream_frames_in_total[1m]))", "{{source}} in"),
+        Query("sum by (source) (rate(stream_frames_processed_total[1m]))", "{{source}} answered"),
+        Query("sum by (source) (rate(stream_frames_dropped_total[1m]))", "{{source}} dropped")), "short"),
+    Panel("Streams: capture to answer (ms)", (
+        Query("1000 * histogram_quantile(0.5, sum by (source, le) (rate(stream_latency_seconds_bucket[1m])))",
+              "{{source}} p50"),
+        Query("1000 * histogram_quantile(0.95, sum by (source, le) (rate(stream_latency_seconds_bucket[1m])))",
+              "{{source}} p95")), "ms"),
+    Panel("Streams: line crossings (last hour)", (
+        Query("sum by (source, line, direction) (increase(stream_line_crossings_total[1h]))",
+              "{{source}} {{line}} {{direction}}"),), "short", "bars"),
 )
 
 

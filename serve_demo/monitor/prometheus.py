@@ -2,7 +2,8 @@
 
 ``docker/prometheus/prometheus.yml`` with only the scrape target, the intervals and the rule
 file's path changed; data, log and pid file in ``HOME`` (default ``build/prometheus``). It scrapes
-``make serve``'s (or ``make docker-run``'s) metrics API and evaluates ``alerts.yml``, so
+``make serve``'s (or ``make docker-run``'s) metrics API and ``make stream``'s page (``--stream-target``),
+and evaluates ``alerts.yml``, so
 ``make drift`` and ``make dashboard`` have something to read without Docker.
 """
 
@@ -26,8 +27,9 @@ class LocalPrometheus:
     """One Prometheus process scraping ``target``."""
 
     def __init__(self, home: Path, target: str, port: int = 9090, interval: str = "5s",
-                 config_dir: Path = CONFIG_DIR) -> None:
+                 config_dir: Path = CONFIG_DIR, stream_target: str | None = None) -> None:
         self.home, self.target, self.port, self.interval = Path(home), target, port, interval
+        self.stream_target = stream_target  # serve_demo stream's page; None: that job is left out
         self.config_dir = config_dir
         self.url = f"http://127.0.0.1:{port}"
         self.process = Background("Prometheus", self.pid_file, self.home / "prometheus.log")
@@ -41,6 +43,11 @@ class LocalPrometheus:
         cfg["global"].update({"scrape_interval": self.interval, "evaluation_interval": self.interval})
         cfg["rule_files"] = [str(self.config_dir / "alerts.yml")]
         cfg["scrape_configs"][0]["static_configs"][0]["targets"] = [self.target]
+        streams = [c for c in cfg["scrape_configs"] if c["job_name"] == "streams"]
+        if self.stream_target:
+            streams[0]["static_configs"][0]["targets"] = [self.stream_target]
+        else:
+            cfg["scrape_configs"] = [c for c in cfg["scrape_configs"] if c["job_name"] != "streams"]
         self.home.mkdir(parents=True, exist_ok=True)
         path = self.home / "prometheus.yml"
         path.write_text(f"# generated from {self.config_dir / 'prometheus.yml'}\n" + yaml.safe_dump(cfg))
@@ -66,13 +73,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", default="build/prometheus", help="config, data, log and pid file")
     p.add_argument("--target", default=f"127.0.0.1:{defaults.port('METRICS_PORT')}",
                    help="TorchServe's metrics address (make serve, make docker-run)")
+    p.add_argument("--stream-target", default=f"127.0.0.1:{defaults.STREAM_PORT}",
+                   help="serve_demo stream's page (make stream); '' leaves that job out")
     p.add_argument("--port", type=int, default=9090)
     p.add_argument("--interval", default="5s", help="scrape and rule evaluation interval")
     p.add_argument("--stop", action="store_true", help="stop the Prometheus of HOME")
 
 
 def main(args: argparse.Namespace) -> int:
-    prom = LocalPrometheus(Path(args.home), args.target, args.port, args.interval)
+    prom = LocalPrometheus(Path(args.home), args.target, args.port, args.interval,
+                           stream_target=args.stream_target or None)
     if args.stop:
         print("Prometheus stopped" if prom.stop() else f"no Prometheus running from {args.home}")
         return 0
