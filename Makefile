@@ -109,7 +109,7 @@ PARITY_NEEDS := $(if $(filter-out eager,$(RUNTIME)),$(if $(filter $(DATA),$(PARI
 .PHONY: help setup check-env data data-masks pennfudan train train-demo train-masks archive serve stop predict evaluate demo test test-unit lint format clean \
 	register versions promote rollback compare key loadtest soak docker-build docker-run docker-stop docker-key sbom \
 	container-engine bench video ui browser prometheus-tools prometheus prometheus-stop drift dashboard collect \
-	stream clip rtsp-server
+	stream clip rtsp-server bench-streams
 
 help: ## list the targets
 	@echo "Usage: make TARGET [VAR=value ...]   (NAME=$(NAME) VERSION=$(VERSION) ARCH=$(ARCH))"
@@ -206,6 +206,10 @@ container-engine: ## check for docker/podman; install podman (root + apt-get) wh
 
 bench: $(DATA)/.synth.json | $(STAMP) ## on a quiet machine: in-process eager + runtimes vs ours (TorchServe, KServe), stock, LitServe (BENCH_MODELS) -> reports/bench
 	$(PY) -m serve_demo bench --models $(BENCH_MODELS) --dataset $(DATA) --split $(SPLIT) --kserve
+
+bench-streams: $(RTSP) | $(STAMP) ## on a quiet machine, with make serve running: 1, 2, 4 RTSP cameras -> reports/bench/streams.md
+	$(PY) -m serve_demo bench-streams --model $(NAME) --url http://127.0.0.1:$(INFERENCE_PORT) --home $(HOME_DIR) \
+		--inflight $(INFLIGHT)
 
 key: ## print the running server's inference key (curl ... -H "Authorization: Bearer $$(make -s key)")
 	@$(PY) -c "from serve_demo.serve.management import read_key; import sys; k = read_key('$(HOME_DIR)', 'inference'); \

@@ -53,10 +53,10 @@ def frame(i: int) -> Frame:
 
 @pytest.mark.unit
 def test_live_slot_keeps_the_newest_and_counts_the_dropped():
-    slot, stop = Slot(blocking=False), threading.Event()
+    slot, stop = Slot(blocking=False, depth=2), threading.Event()
     for i in range(5):
         assert slot.put(frame(i), stop)
-    assert slot.take(0).index == 4 and slot.dropped == 4
+    assert slot.dropped == 3 and slot.take(0).index == 3 and slot.take(0).index == 4
     assert slot.take(0.01) is None
     slot.close()
     assert slot.closed and not slot.put(frame(9), stop)

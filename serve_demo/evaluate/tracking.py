@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 IOU = 0.5
 
 
-def iou_distances(truth: list, found: list, iou: float) -> "np.ndarray":
+def iou_distances(truth: list, found: list, iou: float) -> np.ndarray:
     """``1 - IoU`` between every truth and found box (x1, y1, x2, y2); NaN (no match) below ``iou``.
 
     What ``motmetrics.distances.iou_matrix`` computes; its 1.4.0 calls ``np.asfarray``, gone in NumPy 2.
@@ -32,7 +32,8 @@ def iou_distances(truth: list, found: list, iou: float) -> "np.ndarray":
     w = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
     h = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
     inter = w * h
-    union = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    union = area_a + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter
     dist = 1 - inter / np.maximum(union, 1e-9)
     dist[dist > 1 - iou] = np.nan
     return dist
@@ -42,7 +43,6 @@ def score(rows: list[dict], truth: dict, iou: float = IOU) -> dict:
     """``{"frames", "mota", "idf1", "switches", "precision", "recall", "tracks", "objects", "line_counts",
     "line_truth"}`` for the stream's JSON lines ``rows`` against a clip's ``truth``."""
     import motmetrics as mm
-    import numpy as np
 
     frames = {f["frame"]: f["objects"] for f in truth["frames"]}
     acc = mm.MOTAccumulator(auto_id=False)

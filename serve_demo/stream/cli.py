@@ -113,7 +113,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"{name}: {f['frames_in']} frames in, {f['processed']} processed ({f['fps_out']} fps), "
               f"{f['dropped']} dropped, {f['skipped']} skipped, latency p50 {lat['p50']} ms p95 {lat['p95']} ms, "
               f"{f['reconnects']} reconnects, {f['errors']} errors{'  ' + lines if lines else ''}")
-    print(f"wrote {spec.out}/NAME.mp4, NAME.jsonl and summary.json")
+    names = sorted(summary["sources"])
+    files = [f"{n}.{ext}" for n in names for ext in (("mp4", "jsonl") if spec.video else ("jsonl",))]
+    print(f"wrote {', '.join(files + ['summary.json'])} in {spec.out}")
     if runner.error is not None:
         print(f"stream: {runner.error}", file=sys.stderr)
         return 2

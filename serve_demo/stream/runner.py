@@ -2,9 +2,10 @@
 
 Per source: a :class:`~.source.Reader` fills its slot; a dispatcher waits for a frame, then for a free
 request (``inflight``, shared by all sources: the server's capacity, not one per source), takes the
-newest frame and sends it; a collector takes the answers in frame order, tracks and counts them and
-writes the sinks. A watchdog prints a line per source every ``report_every`` seconds and keeps the
-metrics; sources are added and removed while running from a watched sources file.
+oldest frame the slot still keeps (a live slot keeps two) and sends it; a collector takes the answers
+in frame order, tracks and counts them and writes the sinks. A watchdog prints a line per source every
+``report_every`` seconds and keeps the metrics; sources are added and removed while running from a
+watched sources file.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from serve_demo.core import schema
 from serve_demo.serve.client import PredictionError, predict_bytes
 
 from .sinks import JsonlSink, LiveFrames, Metrics, VideoSink
-from .source import Frame, Reader, Slot
+from .source import LIVE_DEPTH, Frame, Reader, Slot
 from .spec import SourceSpec, SpecError, StreamSpec, read_sources_file
 from .track import SourceTracker, annotate
 
@@ -52,7 +53,7 @@ class SourceRun:
     def __init__(self, spec: SourceSpec, runner: StreamRunner) -> None:
         self.spec, self.runner = spec, runner
         self.stop = threading.Event()
-        self.slot = Slot(blocking=not spec.live)
+        self.slot = Slot(blocking=not spec.live, depth=LIVE_DEPTH if spec.live else 1)
         self.reader = Reader(spec, self.slot, self.stop, runner.spec.max_frames)
         self.pending: queue.Queue[tuple[Frame, Future] | None] = queue.Queue()
         self.tracker: SourceTracker | None = None
@@ -98,7 +99,7 @@ class SourceRun:
                     continue
                 if not budget.acquire(timeout=0.2):
                     continue
-                frame = self.slot.take(0)  # the newest: it may have been replaced while we waited
+                frame = self.slot.take(0)  # the oldest kept: newer ones may have pushed it out while we waited
                 if frame is None:
                     budget.release()
                     continue
@@ -328,7 +329,9 @@ class StreamRunner:
         """Run until every source has ended (no sources file), ``duration`` passed or :meth:`stop`; return the
         summary: ``{"sources": {name: figures}, "seconds", "page"}``."""
         from .sinks import Page, create_app
+        from .track import warm_up
 
+        warm_up()  # the tracker's imports take a second: not while the first answers wait
         self.spec.out.mkdir(parents=True, exist_ok=True)
         if self.spec.port is not None:
             self.page = Page(create_app(self.frames, self.metrics, self.status), self.spec.port)

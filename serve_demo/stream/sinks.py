@@ -69,12 +69,12 @@ class VideoSink:
 
 
 class JsonlSink:
-    """One JSON line per processed frame, flushed as written (``tail -f`` follows it)."""
+    """One JSON line per processed frame, flushed as written (``tail -f`` follows it); a run starts it over."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._file = open(path, "a", buffering=1)
+        self._file = open(path, "w", buffering=1)
 
     def write(self, row: dict) -> None:
         self._file.write(json.dumps(row, separators=(",", ":")) + "\n")

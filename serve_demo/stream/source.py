@@ -1,8 +1,8 @@
 """Reading a source in its own thread, newest frame first.
 
-A :class:`Reader` decodes its source with PyAV (FFmpeg) into a one-frame :class:`Slot`. A live
-source (camera, stream, or a file at ``pace: realtime``) overwrites a frame nobody took: the
-oldest is dropped and counted, so an answer always concerns a recent frame. A file at
+A :class:`Reader` decodes its source with PyAV (FFmpeg) into a small :class:`Slot`. A live
+source (camera, stream, or a file at ``pace: realtime``) keeps its two newest frames: an older one
+nobody took is dropped and counted, so an answer always concerns a recent frame. A file at
 ``pace: fast`` waits instead: every frame is processed, as fast as the server answers.
 ``max_fps`` skips frames that come sooner than ``1/max_fps`` after the last one kept.
 When a source fails or ends (live), it is opened again after a back-off of 0.5 s doubling to 10 s.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from .spec import SourceSpec
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 OPEN_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 5.0  # no packet for this long: the source is gone, reconnect
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 10.0)
+LIVE_DEPTH = 2  # frames a live source keeps for its consumer (a burst's two frames; older ones are dropped)
 
 
 @dataclass
@@ -36,44 +38,51 @@ class Frame:
 
 
 class Slot:
-    """One frame between a reader and its consumer: drop-oldest (``put`` overwrites) or blocking."""
+    """A few frames between a reader and its consumer, oldest first.
 
-    def __init__(self, blocking: bool) -> None:
+    Live (``blocking=False``): a frame that finds the slot full pushes the oldest out (counted in
+    ``dropped``), so what is taken is at most ``depth`` frames old. ``depth=2`` absorbs a network burst
+    (two frames decoded back to back) without dropping. A file (``blocking=True``) waits for room instead.
+    """
+
+    def __init__(self, blocking: bool, depth: int = 1) -> None:
         self._cond = threading.Condition()
-        self._frame: Frame | None = None
+        self._frames: deque[Frame] = deque()
         self._closed = False
         self.blocking = blocking
+        self.depth = max(1, depth)
         self.dropped = 0
 
     def put(self, frame: Frame, stop: threading.Event) -> bool:
         """Offer a frame; False once the slot is closed or ``stop`` is set."""
         with self._cond:
             if self.blocking:
-                while self._frame is not None and not self._closed and not stop.is_set():
+                while len(self._frames) >= self.depth and not self._closed and not stop.is_set():
                     self._cond.wait(0.2)
-            elif self._frame is not None:
+            while len(self._frames) >= self.depth:
+                self._frames.popleft()
                 self.dropped += 1
             if self._closed or stop.is_set():
                 return False
-            self._frame = frame
+            self._frames.append(frame)
             self._cond.notify_all()
             return True
 
     def take(self, timeout: float | None = None) -> Frame | None:
-        """The newest frame (waiting up to ``timeout``); None on timeout or when closed and empty."""
+        """The oldest frame kept (waiting up to ``timeout``); None on timeout or when closed and empty."""
         with self._cond:
-            if self._frame is None and not self._closed:
+            if not self._frames and not self._closed:
                 self._cond.wait(timeout)
-            frame, self._frame = self._frame, None
+            frame = self._frames.popleft() if self._frames else None
             self._cond.notify_all()
             return frame
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until a frame is there (without taking it); False on timeout or when closed and empty."""
         with self._cond:
-            if self._frame is None and not self._closed:
+            if not self._frames and not self._closed:
                 self._cond.wait(timeout)
-            return self._frame is not None
+            return bool(self._frames)
 
     def close(self) -> None:
         with self._cond:
@@ -83,7 +92,7 @@ class Slot:
     @property
     def closed(self) -> bool:
         with self._cond:
-            return self._closed and self._frame is None
+            return self._closed and not self._frames
 
 
 def backoff(attempt: int) -> float:

@@ -150,6 +150,12 @@ class SourceTracker:
                                                             for c in confirmed.class_id[inside]))
 
 
+def warm_up() -> None:
+    """Import the tracker and the counters now (about a second: OpenCV, supervision)."""
+    import supervision  # noqa: F401
+    import trackers  # noqa: F401
+
+
 def track_color(track_id: int | None, label: str) -> tuple[int, int, int]:
     return PALETTE[track_id % len(PALETTE)] if track_id is not None else color_for(label)
 
