@@ -364,7 +364,7 @@ def test_sources_come_and_go_and_the_page_metrics_and_prometheus_follow(server, 
         # the first source removed from the file: it stops, its files are finished, the page forgets it
         sources.write_text(f"sources:\n  - {{name: gate, url: '{clip}', pace: realtime, loop: true, "
                            "zones: [{name: left, points: [[0, 0], [160, 0], [160, 240], [0, 240]]}]}\n")
-        wait_until(lambda: "cam1" not in runner.runs or None, 30, what="cam1 removed")
+        wait_until(lambda: "cam1" in runner.finished or None, 30, what="cam1 removed")
         assert set(requests.get(f"{page}/status", timeout=10).json()["sources"]) == {"gate"}
         assert 'source="cam1"' not in requests.get(f"{page}/metrics", timeout=10).text
         # a broken file keeps what runs

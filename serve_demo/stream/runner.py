@@ -262,9 +262,9 @@ class StreamRunner:
         if run is None:
             return
         run.close()
-        self.finished[name] = run.figures(whole=True)
         self.metrics.remove(name)
         self.frames.drop(name)
+        self.finished[name] = run.figures(whole=True)  # last: a source in `finished` is gone everywhere
         log.info("%s: removed", name)
 
     def _watch_file(self) -> None:
