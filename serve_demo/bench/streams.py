@@ -99,10 +99,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"bench-streams: load average {loads} on {cores} cores: something else is running (stop it, or "
               "--allow-busy to measure anyway, marked as busy)", file=sys.stderr)
         return 2
-    scale = args.width / 320
-    spec = clips.ClipSpec(width=args.width, height=args.width * 3 // 4, seconds=max(args.seconds, 12.0) + 4,
-                          min_size=round(34 * scale), max_size=round(56 * scale), min_speed=60 * scale,
-                          max_speed=110 * scale)
+    spec = clips.ClipSpec.at_width(args.width, seconds=max(args.seconds, 12.0) + 4)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     try:

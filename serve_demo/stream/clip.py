@@ -41,6 +41,13 @@ class ClipSpec:
     min_speed: float = 60.0  # px per second
     max_speed: float = 110.0
 
+    @classmethod
+    def at_width(cls, width: int, **kw) -> ClipSpec:
+        """The default clip at ``width`` x 3/4 of it, sizes and speeds scaled (the model sees the same scene)."""
+        d, k = cls(), width / cls().width
+        return cls(width=width, height=width * 3 // 4, min_size=round(d.min_size * k), max_size=round(d.max_size * k),
+                   min_speed=d.min_speed * k, max_speed=d.max_speed * k, **kw)
+
     @property
     def frames(self) -> int:
         return round(self.seconds * self.fps)
@@ -183,6 +190,7 @@ def thumbnail(spec: ClipSpec, frame: int) -> Image.Image:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ClipSpec()
     p.add_argument("out", help="the clip to write (.mp4; .mkv writes MJPEG, what an RTP/JPEG server streams)")
+    p.add_argument("--width", type=int, default=d.width, help=f"frame width; height 3/4 of it (default {d.width})")
     p.add_argument("--seconds", type=float, default=d.seconds, help=f"length (default {d.seconds})")
     p.add_argument("--fps", type=int, default=d.fps, help=f"frames per second (default {d.fps})")
     p.add_argument("--objects", type=int, default=d.objects, help=f"moving shapes (default {d.objects})")
@@ -190,9 +198,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    spec = ClipSpec(fps=args.fps, seconds=args.seconds, objects=args.objects, seed=args.seed)
+    spec = ClipSpec.at_width(args.width, fps=args.fps, seconds=args.seconds, objects=args.objects, seed=args.seed)
     out = Path(args.out)
     truth = write(spec, out, "mjpeg" if out.suffix == ".mkv" else "libx264")
     print(f"wrote {out} ({spec.frames} frames at {spec.fps} fps, {spec.objects} shapes) and its truth {truth}; "
-          f"line crossings: {line_truth(spec)}")
+          f"line {spec.line} crossings: {line_truth(spec)}")
     return 0
