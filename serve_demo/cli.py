@@ -34,7 +34,7 @@ COMMANDS: dict[str, Command] = {
     "ui": Command("a browser page for the running server, on 127.0.0.1 (the keys stay server-side)",
                   "serve.ui", "add_arguments", "main"),
     "video": Command("a video file or stream through the server -> annotated video + JSON lines",
-                     "serve.video", "add_arguments", "main"),
+                     "stream.video", "add_arguments", "main"),
     "stream": Command("live sources (cameras, RTSP, files) through the server: tracks, counts, MP4, JSON lines, "
                       "MJPEG, metrics", "stream.cli", "add_arguments", "main"),
     "clip": Command("a clip of moving shapes with its truth (tracks, line crossings) for make stream and the tests",

@@ -15,7 +15,7 @@ import av
 import numpy as np
 import pytest
 
-from serve_demo.serve.video import VideoSpec, run
+from serve_demo.stream.video import VideoSpec, run
 from tests.conftest import ROOT, synth_image
 
 FRAMES, STEP, FPS = 24, 4, 12  # the scene moves STEP px right per frame
@@ -87,7 +87,7 @@ def test_video_from_a_stream_url(server, clip, tmp_path):
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}/{clip.name}"
         result = run(VideoSpec(url, tmp_path / "stream.mp4", url=server.inference_url,
-                               token=server.key("inference"), max_frames=10), progress=False)
+                               token=server.key("inference"), max_frames=10))
     finally:
         httpd.shutdown()
     assert result["frames"] == 10 and result["sent"] == 10 and result["fps"] > 0

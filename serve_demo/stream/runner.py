@@ -57,6 +57,7 @@ class SourceRun:
         self.reader = Reader(spec, self.slot, self.stop, runner.spec.max_frames)
         self.pending: queue.Queue[tuple[Frame, Future] | None] = queue.Queue()
         self.tracker: SourceTracker | None = None
+        self.last_tracked: list = []
         out = runner.spec.out
         self.video = VideoSink(out / f"{spec.name}.mp4", None) if runner.spec.video else None
         self.jsonl = JsonlSink(out / f"{spec.name}.jsonl")
@@ -97,12 +98,23 @@ class SourceRun:
                     if self.slot.closed:
                         break
                     continue
-                if not budget.acquire(timeout=0.2):
-                    continue
-                frame = self.slot.take(0)  # the oldest kept: newer ones may have pushed it out while we waited
-                if frame is None:
-                    budget.release()
-                    continue
+                if self.spec.every > 1:  # every k-th frame is sent; the others only drawn, in order
+                    frame = self.slot.take(0)
+                    if frame is None:
+                        continue
+                    if frame.index % self.spec.every:
+                        self.pending.put((frame, None))
+                        continue
+                    while not budget.acquire(timeout=0.2):
+                        if self.stop.is_set():
+                            return
+                else:
+                    if not budget.acquire(timeout=0.2):
+                        continue
+                    frame = self.slot.take(0)  # the oldest kept: newer ones may have pushed it out while we waited
+                    if frame is None:
+                        budget.release()
+                        continue
                 future = self.runner.pool.submit(self.runner.detect, frame, self.request_threshold)
                 future.add_done_callback(lambda _: budget.release())
                 self.pending.put((frame, future))
@@ -120,6 +132,9 @@ class SourceRun:
             if item is None:
                 break
             frame, future = item
+            if future is None:  # not sent (every k-th): drawn with the latest tracks
+                self._draw(frame, self.last_tracked)
+                continue
             try:
                 payload = future.result()
             except PredictionError as exc:
@@ -138,15 +153,19 @@ class SourceRun:
                 self.tracker = SourceTracker(self.runner.spec.threshold, self.spec.max_fps or self.reader.fps_nominal,
                                              self.spec.lines, self.spec.zones, self.runner.spec.trace)
             tracked = self.tracker.update(schema.parse_detections(payload), frame.time)
-            image = annotate(frame.image, tracked, self.tracker)
-            if self.video:
-                self.video.write(image, frame.time)
-            self.runner.frames.publish(self.spec.name, image)
+            self.last_tracked = tracked
+            self._draw(frame, tracked)
             self.jsonl.write({"frame": frame.index, "time": frame.time, "wall": round(frame.wall, 3),
                               "latency_ms": round(latency * 1000, 1),
                               "detections": [t.as_json() for t in tracked], "counts": self.tracker.counts.as_json()})
             self.runner.observe(self, latency)
         self.ended = time.monotonic()
+
+    def _draw(self, frame: Frame, tracked: list) -> None:
+        image = annotate(frame.image, tracked, self.tracker) if self.tracker else frame.image
+        if self.video:
+            self.video.write(image, frame.time)
+        self.runner.frames.publish(self.spec.name, image)
 
     def _failed(self, frame: Frame, why: str) -> None:
         self.errors += 1
@@ -158,7 +177,7 @@ class SourceRun:
         if self.ended is not None or (self.slot.closed and not self.reader.is_alive()):
             return "ended"
         if self.reader.connected:
-            return "live" if self.spec.live_url else "reading"
+            return "live" if self.reader.stream_url else "reading"
         return "reconnecting" if self.reader.reconnects else "connecting"
 
     def figures(self, dt: float | None = None, last: dict | None = None, whole: bool = False) -> dict:
@@ -174,7 +193,7 @@ class SourceRun:
             fps_in, fps_out = frames_in / elapsed, processed / elapsed
         window = self.all_latencies if whole else self.latencies
         p50, p95 = percentile(window, 50), percentile(window, 95)
-        return {"url": self.spec.url, "state": self.state(), "live": self.spec.live,
+        return {"url": self.spec.url, "state": self.state(), "live": self.reader.live,
                 "frames_in": frames_in, "processed": processed, "dropped": self.slot.dropped,
                 "skipped": self.reader.skipped, "errors": self.errors, "reconnects": self.reader.reconnects,
                 "fps_in": round(fps_in, 2), "fps_out": round(fps_out, 2),
@@ -363,7 +382,8 @@ class StreamRunner:
                 self.page.stop()
         summary = {"model": self.spec.model, "seconds": round(time.monotonic() - t0, 2),
                    "sources": dict(self.finished)}
-        (self.spec.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        if self.spec.summary:
+            (self.spec.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
 

@@ -84,6 +84,11 @@ class Slot:
                 self._cond.wait(timeout)
             return bool(self._frames)
 
+    def make_blocking(self) -> None:
+        """From now on wait for room instead of dropping (a source found to be a file)."""
+        with self._cond:
+            self.blocking, self.depth = True, 1
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -123,8 +128,14 @@ class Reader(threading.Thread):
         self.fps_nominal: float | None = None
         self.size: tuple[int, int] | None = None
         self._t0 = time.monotonic()
+        self.stream_url = spec.live_url  # False for a file, and for an http(s) URL with a duration (a video file)
         self._offset = 0.0  # a looped file's media time goes on from where the last pass ended
         self._last_media = 0.0
+
+    @property
+    def live(self) -> bool:
+        """Frames come at their own rate and the oldest are dropped."""
+        return self.stream_url or self.spec.pace == "realtime"
 
     def run(self) -> None:
         attempt = 0
@@ -158,7 +169,7 @@ class Reader(threading.Thread):
             container = av.open(url, format=fmt, options=options, timeout=(OPEN_TIMEOUT_S, READ_TIMEOUT_S))
         except (av.FFmpegError, OSError) as exc:
             self.error = f"cannot open {self.spec.url}: {exc}"
-            return "failed" if self.spec.live_url else "done"
+            return "failed" if self.stream_url else "done"
         got = False
         try:
             if not container.streams.video:
@@ -168,9 +179,13 @@ class Reader(threading.Thread):
             stream.thread_type = "AUTO"
             rate = stream.average_rate or stream.guessed_rate
             self.fps_nominal = float(rate) if rate else None
+            if (self.stream_url and self.spec.url.startswith(("http://", "https://")) and container.duration
+                    and self.spec.pace != "realtime" and not self.frames_in):
+                self.stream_url = False  # a video file over HTTP: every frame, like a local file
+                self.slot.make_blocking()
             self.connected = True
             self.error = None
-            realtime = self.spec.pace == "realtime" and not self.spec.live_url
+            realtime = self.spec.pace == "realtime" and not self.stream_url
             first_media: float | None = None
             started = time.monotonic()
             last_kept: float | None = None
@@ -185,13 +200,13 @@ class Reader(threading.Thread):
                     if ahead > 0 and self.stop.wait(ahead):
                         return "done"
                     now = time.monotonic()
-                when = self._offset + media if not self.spec.live_url else now - self._t0
+                when = self._offset + media if not self.stream_url else now - self._t0
                 self._last_media = when
+                if self.max_frames is not None and self.frames_in >= self.max_frames:
+                    return "done"
                 got = True
                 index = self.frames_in
                 self.frames_in += 1
-                if self.max_frames is not None and self.frames_in > self.max_frames:
-                    return "done"
                 if self.spec.max_fps and last_kept is not None and when - last_kept < 1.0 / self.spec.max_fps - 1e-6:
                     self.skipped += 1
                     continue
@@ -205,9 +220,9 @@ class Reader(threading.Thread):
         finally:
             self.connected = False
             container.close()
-        if not self.spec.live_url and self.error is not None:
+        if not self.stream_url and self.error is not None:
             return "done"  # a broken file does not get better
-        if not self.spec.live_url:  # a file's end
+        if not self.stream_url:  # a file's end
             if self.spec.loop and got:
                 self._offset = self._last_media + 1.0 / (self.fps_nominal or 25)
                 return "again"

@@ -51,6 +51,7 @@ class SourceSpec:
     max_fps: float | None = None  # at most this many frames a second to the server (None: as many as it takes)
     pace: str = "fast"  # files: "fast" (every frame, as fast as the server answers) or "realtime" (like a camera)
     loop: bool = False  # files: start over at the end
+    every: int = 1  # send every k-th frame; the others are drawn with the latest tracks (serve_demo video)
     lines: tuple[Region, ...] = ()
     zones: tuple[Region, ...] = ()
 
@@ -84,6 +85,7 @@ class StreamSpec:
     sources_file: Path | None = None  # watched: sources added and removed while running
     video: bool = True  # write DIR/NAME.mp4
     trace: int = 25  # points of each track's trace drawn
+    summary: bool = True  # write DIR/summary.json at the end
 
 
 def is_live(url: str) -> bool:
@@ -185,6 +187,7 @@ def read_sources_file(path: Path) -> list[SourceSpec]:
         if max_fps is not None and (not isinstance(max_fps, (int, float)) or max_fps <= 0):
             raise SpecError(f"{where}: max_fps must be a positive number")
         taken.add(name)
-        out.append(SourceSpec(name, url, float(max_fps) if max_fps else None, pace, bool(item.get("loop", False)),
-                              _regions(item.get("lines"), "line", where), _regions(item.get("zones"), "zone", where)))
+        out.append(SourceSpec(name, url, max_fps=float(max_fps) if max_fps else None, pace=pace,
+                              loop=bool(item.get("loop", False)), lines=_regions(item.get("lines"), "line", where),
+                              zones=_regions(item.get("zones"), "zone", where)))
     return out
