@@ -406,3 +406,20 @@ def test_ctrl_c_finishes_the_files(server, rtsp, tmp_path):
         with av.open(str(out / f"{name}.mp4")) as video:
             assert sum(1 for _ in video.decode(video=0)) == len(rows)
         assert f"{name}: " in stdout and all("track_id" in d for r in rows for d in r["detections"])
+
+
+@pytest.mark.unit
+def test_metrics_follow_running_totals_and_forget_a_removed_source():
+    from serve_demo.stream.sinks import Metrics
+
+    m = Metrics()
+    for total in (3, 3, 5):
+        m.add(m.crossings, "cam1", total, "door", "in", "star")
+    m.add(m.frames_in, "cam1", 40)
+    m.add(m.frames_in, "cam2", 7)
+    text = m.exposition().decode()
+    assert 'stream_line_crossings_total{direction="in",label="star",line="door",source="cam1"} 5.0' in text
+    assert 'stream_frames_in_total{source="cam1"} 40.0' in text
+    m.remove("cam1")
+    text = m.exposition().decode()
+    assert 'source="cam1"' not in text and 'stream_frames_in_total{source="cam2"} 7.0' in text

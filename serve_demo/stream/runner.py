@@ -249,9 +249,7 @@ class StreamRunner:
             for line, directions in counts.lines_by_label.items():
                 for direction, labels in directions.items():
                     for label, n in labels.items():
-                        child = m.crossings.labels(name, line, direction, label)
-                        if n > child._value.get():
-                            child.inc(n - child._value.get())
+                        m.add(m.crossings, name, n, line, direction, label)
             for zone, labels in counts.zones_by_label.items():
                 for label in run.tracker.labels.values():
                     m.zone.labels(name, zone, label).set(labels.get(label, 0))

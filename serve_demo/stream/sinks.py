@@ -108,14 +108,14 @@ class Metrics:
                                  "label"], registry=self.registry)
         self.zone = Gauge("stream_zone_objects", "Objects inside a zone in the last processed frame",
                           src + ["zone", "label"], registry=self.registry)
-        self._seen: dict[str, dict[str, float]] = {}
+        self._seen: dict[str, dict[tuple, float]] = {}
 
-    def add(self, counter, source: str, total: float) -> None:
-        """Advance a counter to a running total kept elsewhere (the reader's and slot's counts)."""
-        key = counter._name
+    def add(self, counter, source: str, total: float, *labels: str) -> None:
+        """Advance a counter to a running total kept elsewhere (the reader's, the slot's, the tracker's)."""
+        key = (id(counter), *labels)
         last = self._seen.setdefault(source, {}).get(key, 0.0)
         if total > last:
-            counter.labels(source).inc(total - last)
+            counter.labels(source, *labels).inc(total - last)
             self._seen[source][key] = total
 
     def remove(self, source: str) -> None:
