@@ -423,3 +423,16 @@ def test_metrics_follow_running_totals_and_forget_a_removed_source():
     m.remove("cam1")
     text = m.exposition().decode()
     assert 'source="cam1"' not in text and 'stream_frames_in_total{source="cam2"} 7.0' in text
+
+
+@pytest.mark.server
+def test_the_kserve_server_answers_a_stream_too(kserve, clip, tmp_path):
+    """The same runner against the second server (its /predictions route and keys)."""
+    spec = StreamSpec(out=tmp_path / "out", url=kserve.inference_url, token=kserve.key("inference"), port=None,
+                      max_frames=100)
+    line = region("door", ((160, 0), (160, 240)), "line")
+    summary = StreamRunner(spec, [SourceSpec("shapes", str(clip), lines=(line,))]).run()
+    f = summary["sources"]["shapes"]
+    assert f["processed"] == 100 and f["errors"] == 0, f
+    result = score(read_rows(tmp_path / "out" / "shapes.jsonl"), json.loads(Path(f"{clip}.truth.json").read_text()))
+    assert result["mota"] >= 0.8 and result["idf1"] >= 0.8, result
