@@ -249,7 +249,7 @@ def stream_spec(server, out: Path, **kw) -> StreamSpec:
 
 
 @pytest.mark.server
-def test_file_tracked_scored_and_counted(server, clip, tmp_path):
+def test_file_tracked_scored_and_counted(server, clip, tmp_path, capsys):
     """Every frame of the file: MOTA/IDF1 from motmetrics, the line's in/out equal to the truth."""
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "serve_demo", "stream", str(clip), "--out", str(out), "--line", DOOR,
@@ -258,8 +258,9 @@ def test_file_tracked_scored_and_counted(server, clip, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "shapes: 300 frames in, 300 processed" in proc.stdout and "door in 4 out 2" in proc.stdout
     result = score(read_rows(out / "shapes.jsonl"), json.loads(Path(f"{clip}.truth.json").read_text()))
-    print(f"\ntracking, file, every frame: MOTA {result['mota']:.3f} IDF1 {result['idf1']:.3f} "
-          f"ID switches {result['switches']} tracks {result['tracks']} for {result['objects']} objects")
+    with capsys.disabled():  # the figures, in make test's output
+        print(f"\ntracking, file, every frame: MOTA {result['mota']:.3f} IDF1 {result['idf1']:.3f} "
+              f"ID switches {result['switches']} tracks {result['tracks']} for {result['objects']} objects")
     assert result["line_counts"] == {"door": result["line_truth"]} == {"door": {"in": 4, "out": 2}}
     assert result["mota"] >= 0.85 and result["idf1"] >= 0.85 and result["switches"] <= 6, result
     assert result["tracks"] <= result["objects"] + 2, result
@@ -274,7 +275,7 @@ def test_file_tracked_scored_and_counted(server, clip, tmp_path):
 
 
 @pytest.mark.server
-def test_live_camera_on_a_slower_server_drops_frames_and_latency_stays_bounded(server, rtsp, tmp_path):
+def test_live_camera_on_a_slower_server_drops_frames_and_latency_stays_bounded(server, rtsp, tmp_path, capsys):
     """25 fps in; shapes_b4 answers a batch once it is full or after 3 s: far slower than the camera.
     The newest frame is sent when a request is free, so latency stays at about one answer's time."""
     spec = stream_spec(server, tmp_path / "out", model="shapes_b4", inflight=2, duration=10.0)
@@ -282,8 +283,9 @@ def test_live_camera_on_a_slower_server_drops_frames_and_latency_stays_bounded(s
     f = summary["sources"]["cam1"]
     rows = read_rows(tmp_path / "out" / "cam1.jsonl")
     lat = [r["latency_ms"] for r in rows]
-    print(f"\nlive 25 fps into a slower server: {f['frames_in']} in, {f['processed']} answered, {f['dropped']} "
-          f"dropped; latency p50 {f['latency_ms']['p50']} ms, p95 {f['latency_ms']['p95']} ms; per frame {lat}")
+    with capsys.disabled():
+        print(f"\nlive 25 fps into a slower server: {f['frames_in']} in, {f['processed']} answered, {f['dropped']} "
+              f"dropped; latency p50 {f['latency_ms']['p50']} ms, p95 {f['latency_ms']['p95']} ms; per frame {lat}")
     assert f["frames_in"] >= 150 and f["processed"] >= 3 and f["errors"] == 0
     assert f["dropped"] >= 0.8 * f["frames_in"], f  # dropped, not queued
     # queued, the last frame would wait ~all of the run (10 s); dropped, every frame waits about one batch (3 s)
