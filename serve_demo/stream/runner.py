@@ -89,7 +89,7 @@ class SourceRun:
             self.video.close()
         self.jsonl.close()
 
-    # the dispatcher: newest frame, when a request is free
+    # the dispatcher: the oldest frame the slot keeps, once a request is free
     def _dispatch(self) -> None:
         budget = self.runner.budget
         try:
