@@ -25,6 +25,7 @@ import requests
 from serve_demo.evaluate.tracking import iou_distances, read_rows, score
 from serve_demo.serve.process import free_ports, wait_until
 from serve_demo.stream import clip as clips
+from serve_demo.stream.rtsp import LocalRtspServer
 from serve_demo.stream.runner import StreamRunner, percentile
 from serve_demo.stream.source import Frame, Slot, backoff
 from serve_demo.stream.spec import (
@@ -39,7 +40,6 @@ from serve_demo.stream.spec import (
 )
 from tests.conftest import ROOT
 
-SYSTEM_PYTHON = "/usr/bin/python3"  # GStreamer's Python bindings are Debian's (python3-gi), not the venv's
 CLIP = clips.ClipSpec()  # 320 x 240, 25 fps, 12 s, 6 shapes: 4 cross the middle line left to right, 2 back
 DOOR = "door=160,0,160,240"
 
@@ -200,34 +200,9 @@ def camera_clip(tmp_path_factory) -> Path:
     return path
 
 
-class RtspServer:
-    """``scripts/rtsp_server.py`` (GStreamer) on a loopback port; stoppable and restartable on the same port."""
-
-    def __init__(self, mounts: dict[str, Path]) -> None:
-        self.mounts, self.port = mounts, free_ports(1)[0]
-        self.proc: subprocess.Popen | None = None
-
-    def url(self, name: str) -> str:
-        return f"rtsp://127.0.0.1:{self.port}/{name}"
-
-    def start(self) -> None:
-        args = [SYSTEM_PYTHON, str(ROOT / "scripts" / "rtsp_server.py"), "--port", str(self.port)]
-        for name, path in self.mounts.items():
-            args += ["--mount", f"{name}={path}"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        line = self.proc.stdout.readline()
-        assert line.startswith("ready"), f"the RTSP server did not start (`make rtsp-server` installs it): {line}" \
-                                         f"{self.proc.stdout.read() if self.proc.poll() is not None else ''}"
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()  # a camera that goes away does not say goodbye
-            self.proc.wait(10)
-
-
 @pytest.fixture
 def rtsp(camera_clip):
-    server = RtspServer({"cam1": camera_clip, "cam2": camera_clip})
+    server = LocalRtspServer({"cam1": camera_clip, "cam2": camera_clip})
     server.start()
     yield server
     server.stop()

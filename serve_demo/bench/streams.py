@@ -13,49 +13,40 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from serve_demo.core import defaults
 from serve_demo.evaluate.tracking import read_rows, score
-from serve_demo.serve.process import free_ports
 from serve_demo.stream import clip as clips
+from serve_demo.stream.rtsp import LocalRtspServer
 from serve_demo.stream.runner import StreamRunner
 from serve_demo.stream.spec import Region, SourceSpec, StreamSpec
 
 from .runner import busy, platform_cpu
 
 log = logging.getLogger(__name__)
-RTSP_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "rtsp_server.py"
 
 
 def measure(layouts: list[int], seconds: float, url: str, token: str | None, model: str, inflight: int,
             out: Path, spec: clips.ClipSpec) -> list[dict]:
     """One row per layout: N cameras for ``seconds`` each."""
-    camera = out / "camera.mkv"
-    truth_path = clips.write(spec, camera, "mjpeg")
+    camera_clip = out / "camera.mkv"
+    truth_path = clips.write(spec, camera_clip, "mjpeg")
     truth = json.loads(truth_path.read_text())
     line = Region("door", tuple((float(x), float(y)) for x, y in spec.line))
     rows = []
     for n in layouts:
-        port = free_ports(1)[0]
-        mounts = [f"cam{i + 1}={camera}" for i in range(n)]
-        proc = subprocess.Popen(["/usr/bin/python3", str(RTSP_SCRIPT), "--port", str(port)]
-                                + [a for m in mounts for a in ("--mount", m)], stdout=subprocess.PIPE, text=True)
+        camera = LocalRtspServer({f"cam{i + 1}": camera_clip for i in range(n)})
+        camera.start()
         try:
-            ready = proc.stdout.readline()
-            if not ready.startswith("ready"):
-                raise RuntimeError("the RTSP server did not start: `make rtsp-server` installs GStreamer's")
             run_out = out / f"{n}-sources"
-            sources = [SourceSpec(f"cam{i + 1}", f"rtsp://127.0.0.1:{port}/cam{i + 1}", lines=(line,))
-                       for i in range(n)]
+            sources = [SourceSpec(f"cam{i + 1}", camera.url(f"cam{i + 1}"), lines=(line,)) for i in range(n)]
             summary = StreamRunner(StreamSpec(out=run_out, model=model, url=url, token=token, inflight=inflight,
                                               port=None, duration=seconds, report_every=seconds + 1), sources).run()
         finally:
-            proc.terminate()
-            proc.wait(10)
+            camera.stop()
         for name, f in sorted(summary["sources"].items()):
             tracking = score(read_rows(run_out / f"{name}.jsonl"), truth)
             rows.append({"sources": n, "source": name, "fps_in": round(f["frames_in"] / seconds, 1),

@@ -28,7 +28,7 @@ from serve_demo.serve.client import PredictionError, predict_bytes
 from .sinks import JsonlSink, LiveFrames, Metrics, VideoSink
 from .source import LIVE_DEPTH, Frame, Reader, Slot
 from .spec import SourceSpec, SpecError, StreamSpec, read_sources_file
-from .track import SourceTracker, annotate
+from .track import SourceTracker, annotate, request_threshold
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class SourceRun:
         self.pending: queue.Queue[tuple[Frame, Future] | None] = queue.Queue()
         self.tracker: SourceTracker | None = None
         self.last_tracked: list = []
+        self.request_threshold = request_threshold(runner.spec.threshold)  # ByteTrack's second stage, from frame 0
         out = runner.spec.out
         self.video = VideoSink(out / f"{spec.name}.mp4", None) if runner.spec.video else None
         self.jsonl = JsonlSink(out / f"{spec.name}.jsonl")
@@ -120,10 +121,6 @@ class SourceRun:
                 self.pending.put((frame, future))
         finally:
             self.pending.put(None)
-
-    @property
-    def request_threshold(self) -> float:
-        return self.tracker.request_threshold if self.tracker else self.runner.spec.threshold
 
     # the collector: answers in frame order -> tracks, counts, files, page, metrics
     def _collect(self) -> None:

@@ -35,7 +35,6 @@ class VideoSink:
         self._out = self._stream = None
         self._last_pts = -1
         self._t0: float | None = None
-        self.frames = 0
 
     def write(self, image: Image.Image, when: float) -> None:
         import av
@@ -58,7 +57,6 @@ class VideoSink:
         self._last_pts = pts
         for packet in self._stream.encode(frame):
             self._out.mux(packet)
-        self.frames += 1
 
     def close(self) -> None:
         if self._out is not None:

@@ -126,7 +126,6 @@ class Reader(threading.Thread):
         self.connected = False
         self.error: str | None = None  # the last reason the source failed
         self.fps_nominal: float | None = None
-        self.size: tuple[int, int] | None = None
         self._t0 = time.monotonic()
         self.stream_url = spec.live_url  # False for a file, and for an http(s) URL with a duration (a video file)
         self._offset = 0.0  # a looped file's media time goes on from where the last pass ended
@@ -212,7 +211,6 @@ class Reader(threading.Thread):
                     continue
                 last_kept = when
                 image = frame.to_image()
-                self.size = image.size
                 if not self.slot.put(Frame(index, round(when, 4), now, time.time(), image), self.stop):
                     return "done"
         except (av.FFmpegError, OSError) as exc:

@@ -78,7 +78,6 @@ class StreamSpec:
     threshold: float = defaults.THRESHOLD
     inflight: int = defaults.STREAM_INFLIGHT  # requests in flight, all sources together
     port: int | None = defaults.STREAM_PORT  # the MJPEG page, /status and /metrics; None: no page
-    host: str = defaults.BIND
     report_every: float = 5.0  # seconds between watchdog lines
     duration: float | None = None  # stop after this many seconds
     max_frames: int | None = None  # per source: stop it after this many frames read

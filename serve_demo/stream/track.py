@@ -30,6 +30,11 @@ LOST_FRAMES = 30  # a track unseen for this many processed frames is ended (and 
 LOW_FACTOR = 0.5  # the server is asked down to this fraction of the threshold (ByteTrack's second stage)
 
 
+def request_threshold(threshold: float) -> float:
+    """What the server is asked down to: ByteTrack matches the less confident detections second."""
+    return round(threshold * LOW_FACTOR, 4)
+
+
 @dataclass(frozen=True)
 class Tracked:
     """A detection and its track (``None`` until the tracker confirms one)."""
@@ -83,10 +88,6 @@ class SourceTracker:
         self.seen: dict[int, str] = {}  # track id -> label (first seen)
         self.counts = Counts(lines={n: {"in": 0, "out": 0} for n in self.lines},
                              zones={n: 0 for n in self.zones})
-
-    @property
-    def request_threshold(self) -> float:
-        return round(self.threshold * LOW_FACTOR, 4)
 
     def update(self, dets: list[Detection], when: float) -> list[Tracked]:
         """Track one frame's detections (``when``: its time in seconds) and count them."""

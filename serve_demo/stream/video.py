@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serve_demo.core import defaults
+from serve_demo.serve.client import DEFAULT_URL
 
 from .spec import SourceSpec, SpecError, StreamSpec, check_source
-
-DEFAULT_URL = f"http://127.0.0.1:{defaults.INFERENCE_PORT}"
 
 
 @dataclass(frozen=True)
