@@ -32,8 +32,11 @@ BATCH_SIZE ?= 1
 # RUNTIME, the dense layers' runtime (docs/performance.md): auto = the fastest that passes the parity gate on
 # this machine's PARITY_DATA/PARITY_SPLIT images (eager when none is faster; PARITY_IMAGES, default 8, more for a
 # stricter gate); eager | onnxruntime | openvino. GRAPH=whole: the whole model in the runtime, not only its
-# dense parts (refused when it does not answer a second image size like eager)
+# dense parts (refused when it does not answer a second image size like eager). PRECISION=auto: the fastest of
+# that fp32 runtime and OpenVINO bf16 / int8 whose COCO mAP on GATE_IMAGES (default 100) labelled PARITY_SPLIT
+# images is within GATE_TOLERANCE of fp32's; the archive's precision.json keeps every candidate's figures
 PARITY_SPLIT ?= valid
+GATE_IMAGES ?=
 # workers x threads per worker: empty = the serving machine's layout (docs/performance.md)
 WORKERS    ?=
 THREADS    ?=
@@ -91,6 +94,7 @@ ARCHIVE_ARGS = --name $(NAME) --version $(VERSION) $(ARCH_ARGS) \
 	--runtime $(RUNTIME) --precision $(PRECISION) \
 	$(if $(filter-out eager,$(RUNTIME)),--parity-data $(PARITY_DATA) --parity-split $(PARITY_SPLIT)) \
 	$(if $(PARITY_IMAGES),--parity-images $(PARITY_IMAGES)) \
+	$(if $(filter auto,$(PRECISION)),--gate-tolerance $(GATE_TOLERANCE) $(if $(GATE_IMAGES),--gate-images $(GATE_IMAGES))) \
 	$(if $(GRAPH),--graph $(GRAPH)) \
 	$(if $(WORKERS),--workers $(WORKERS)) $(if $(THREADS),--threads $(THREADS)) \
 	--export-path $(MODEL_STORE) $(GPU_OPTIONS)
@@ -106,7 +110,7 @@ NEEDS_DATA := $(if $(filter $(DATA),$(DATASET)),$(DATA)/.synth.json) \
 PARITY_NEEDS := $(if $(filter-out eager,$(RUNTIME)),$(if $(filter $(DATA),$(PARITY_DATA)),$(DATA)/.synth.json) \
 	$(if $(filter $(MASK_DATA),$(PARITY_DATA)),$(MASK_DATA)/.synth.json))
 
-.PHONY: help setup check-env data data-masks pennfudan train train-demo train-masks archive serve stop predict evaluate demo test test-unit lint format clean \
+.PHONY: help setup check-env data data-masks pennfudan train train-demo train-masks train-frcnn archive serve stop predict evaluate demo test test-unit lint format clean \
 	register versions promote rollback compare key loadtest soak docker-build docker-run docker-stop docker-key sbom \
 	container-engine bench video ui browser prometheus-tools prometheus prometheus-stop drift dashboard collect \
 	stream clip rtsp-server bench-streams
@@ -152,6 +156,14 @@ train-demo: data ## retrain the committed demo model (85 min on 2 CPU cores; see
 train-masks: data-masks ## retrain the committed mask model from the demo's backbone (see weights/shapes_masks.json)
 	$(PY) -m serve_demo train --data $(MASK_DATA) --name shapes_masks --arch maskrcnn_tiny --epochs 3 \
 		--batch-size 8 --lr 2e-3 --seed 0 --eval-every 1 --threads 2 --init-backbone weights/shapes.pt --fp16
+
+# the trained two-stage model at its real input size (docs/performance.md): torchvision's MobileNetV3-FPN
+# Faster R-CNN, weights=None, trained from scratch; fewer proposals sampled in training only (inference is stock)
+FRCNN_TRAIN_KWARGS := {"rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300, "box_batch_size_per_image": 128}
+train-frcnn: data ## train weights/shapes_frcnn.pt, the trained two-stage bench model (resumable; see weights/shapes_frcnn.json)
+	$(PY) -m serve_demo train --data $(DATA) --name shapes_frcnn --arch fasterrcnn_mobilenet_v3_large_320_fpn \
+		--epochs 5 --batch-size 4 --lr 2e-3 --seed 0 --eval-every 1 --threads 2 --fp16 \
+		--model-kwargs '$(FRCNN_TRAIN_KWARGS)'
 
 # The archive depends on the values that build it too: ARCHIVE_ARGS is kept in a stamp, rewritten when
 # it changes (make demo THRESHOLD=0.3 after make demo rebuilds a 0.3 archive).

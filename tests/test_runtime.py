@@ -13,10 +13,11 @@ import torch
 import yaml
 from torch import nn
 
-from serve_demo.archive import parity
+from serve_demo.archive import parity, precision
 from serve_demo.archive.builder import ArchiveError, build
 from serve_demo.archive.export import export_parts
 from serve_demo.core import masks
+from serve_demo.core.defaults import GATE_TOLERANCE
 from serve_demo.core.layout import WORKERS_ENV, available_cpus, cpu_layout, runtime_threads, worker_layout
 from serve_demo.core.models import available_archs, build_model
 from serve_demo.core.runtime import (
@@ -272,6 +273,40 @@ def test_every_family_exports_and_keeps_parity(arch, tmp_path):
           f"{report.summary()}")
 
 
+@pytest.mark.unit
+def test_precision_auto_keeps_the_fastest_within_the_tolerance():
+    fp32 = precision.Scored("onnxruntime", "fp32", 12.0, {"bbox": 0.771, "segm": 0.70})
+    bf16 = precision.Scored("openvino-bf16", "bf16", 10.0, {"bbox": 0.769, "segm": 0.699})
+    int8 = precision.Scored("openvino-int8", "int8", 8.0, {"bbox": 0.770, "segm": 0.690})
+    for c in (bf16, int8):
+        precision.judge(fp32, c, 0.005)
+    assert bf16.passed and bf16.drop == pytest.approx(0.002)
+    assert not int8.passed and int8.drop == pytest.approx(0.01)  # the worst iou type decides
+    assert "segm mAP 0.6900 is 0.0100 below fp32's 0.7000 (tolerance 0.005)" in int8.note
+    assert precision.fastest_within(fp32, [bf16, int8]) is bf16
+    slow = precision.Scored("openvino-bf16", "bf16", 13.0, {"bbox": 0.771, "segm": 0.70})
+    precision.judge(fp32, slow, 0.005)
+    assert precision.fastest_within(fp32, [slow]) is fp32  # within the tolerance but not faster
+    record = precision.PrecisionRecord("openvino-bf16", "bf16", 0.005, "data/x", "valid", 100, fp32, [bf16, int8])
+    assert record.summary().startswith("openvino-bf16 on 100 valid images: onnxruntime bbox mAP 0.7710")
+    assert "openvino-int8 bbox mAP 0.7700, segm mAP 0.6900 8 ms (refused)" in record.summary()
+
+
+@pytest.mark.unit
+def test_precision_gate_set_skips_the_calibration_images_and_needs_labels(tmp_path):
+    generate_split(tmp_path / "labelled", "valid", 30, seed=3, cfg=SynthConfig(), progress=False)
+    labels = {int(k): v for k, v in json.loads(DEMO_LABELS.read_text()).items()}
+    gate = precision.gate_set(tmp_path / "labelled", "valid", labels, skip=5, limit=100)
+    assert gate is not None and gate.ids == list(range(6, 31)) and len(gate.images) == 25 and gate.skipped == 5
+    assert {a["image_id"] for a in gate.gt["annotations"]} <= set(gate.ids) and gate.iou_types == ["bbox"]
+    small = precision.gate_set(tmp_path / "labelled", "valid", labels, skip=16, limit=100)
+    assert small.skipped == 0 and len(small.images) == 30  # too few left: every image, calibration included
+    ann = tmp_path / "labelled" / "valid" / "_annotations.coco.json"
+    ann.write_text(json.dumps({**json.loads(ann.read_text()), "annotations": []}))
+    assert precision.gate_set(tmp_path / "labelled", "valid", labels, skip=5, limit=100) is None
+    assert precision.gate_set(tmp_path / "labelled", "valid", {0: "__background__", 1: "zebra"}, 5, 100) is None
+
+
 # --- archives: the gate accepts, refuses, records --------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -368,9 +403,18 @@ def test_a_whole_graph_runtime_stands_in_for_the_model_call(tmp_path):
 # --- served side by side ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def runtime_store(tmp_path_factory, parity_data):
+def labelled_valid(tmp_path_factory):
+    """A labelled synthetic validation split big enough for PRECISION=auto's mAP gate (16 calibration images,
+    then 44 scored)."""
+    root = tmp_path_factory.mktemp("labelled-valid")
+    generate_split(root, "valid", 60, seed=2, cfg=SynthConfig(), progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runtime_store(tmp_path_factory, parity_data, labelled_valid):
     """The demo model eager, in ONNX Runtime and in OpenVINO (the last with the machine's default
-    layout: no workers or threads fixed), and the mask model in ONNX Runtime."""
+    layout: no workers or threads fixed), with PRECISION=auto, and the mask model in ONNX Runtime."""
     root = tmp_path_factory.mktemp("runtime-store")
     store = root / "store"
     common = dict(export_path=str(store), build_dir=str(root / "build"), parity_data=str(parity_data),
@@ -379,6 +423,8 @@ def runtime_store(tmp_path_factory, parity_data):
     build(archive_args(name="shapes", runtime="eager", **demo, **common))
     build(archive_args(name="shapes_ort", runtime="onnxruntime", **demo, **common))
     build(archive_args(name="shapes_ov", runtime="openvino", workers=0, threads=0, **demo, **common))
+    build(archive_args(name="shapes_auto", runtime="auto", precision="auto", **demo,
+                       **{**common, "parity_data": str(labelled_valid)}))
     build(archive_args(name="masks", runtime="eager", weights=str(MASK_WEIGHTS), labels=str(MASK_LABELS),
                        arch="maskrcnn_tiny", **common))
     build(archive_args(name="masks_ort", runtime="onnxruntime", weights=str(MASK_WEIGHTS),
@@ -391,7 +437,7 @@ def rt_server(tmp_path_factory, runtime_store):
     """A real TorchServe over those archives, with the access log turned on (SERVE_DEMO_ACCESS_LOG)."""
     ts = make_server(tmp_path_factory.mktemp("runtime-home"), runtime_store)
     ts.environment["SERVE_DEMO_ACCESS_LOG"] = "info"
-    with ts.running(240, expect=["shapes", "shapes_ort", "shapes_ov", "masks", "masks_ort"]):
+    with ts.running(240, expect=["shapes", "shapes_ort", "shapes_ov", "shapes_auto", "masks", "masks_ort"]):
         yield ts
 
 
@@ -417,6 +463,53 @@ def test_archive_records_runtime_parts_and_parity(runtime_store):
     assert "runtime" not in yaml.safe_load(eager["model-config.yaml"])["handler"]
     ov = yaml.safe_load(_mar_files(runtime_store / "shapes_ov-1.0.mar")["model-config.yaml"])
     assert "minWorkers" not in ov and not ov["handler"].get("threads")  # the serving machine decides
+
+
+@pytest.mark.integration
+def test_precision_auto_archives_the_fastest_within_the_tolerance(runtime_store):
+    """PRECISION=auto: fp32 and OpenVINO bf16 / int8 scored on the 44 labelled images after the calibration
+    ones; the archive names the fastest within the tolerance and keeps every candidate's figures."""
+    with zipfile.ZipFile(runtime_store / "shapes_auto-1.0.mar") as z:
+        record = json.loads(z.read(precision.RECORD))
+        config = yaml.safe_load(z.read("model-config.yaml"))
+        manifest = json.loads(z.read("runtime/runtime.json")) if record["chosen"] != "eager" else None
+    fp32, candidates = record["fp32"], record["candidates"]
+    assert record["images"] == 44 and record["split"] == "valid" and record["tolerance"] == GATE_TOLERANCE
+    assert fp32["maps"]["bbox"] > 0.5 and fp32["precision"] == "fp32"  # the trained demo model
+    assert [c["precision"] for c in candidates] == ["bf16", "int8"]
+    for c in candidates:
+        assert c["passed"] == (fp32["maps"]["bbox"] - c["maps"]["bbox"] <= GATE_TOLERANCE), c
+    best = min([fp32, *(c for c in candidates if c["passed"])], key=lambda c: c["median_ms"])
+    assert record["chosen"] == best["runtime"] and record["precision"] == best["precision"]
+    runtime = config["handler"].get("runtime", {"name": "eager", "precision": "fp32"})
+    assert runtime["precision"] == record["precision"]
+    if record["precision"] != "fp32":
+        assert manifest["precision"] == record["precision"] and manifest["parity"]["map"] == best["maps"]
+    print(f"\nprecision auto on the demo: {record['chosen']}; "
+          + "; ".join(f"{c['runtime']} bbox mAP {c['maps']['bbox']:.4f} {c['median_ms']:.1f} ms"
+                      for c in [fp32, *candidates]))
+
+
+@pytest.mark.integration
+def test_precision_auto_without_labels_stays_fp32_and_says_so(tmp_path, parity_data, caplog):
+    unlabelled = tmp_path / "unlabelled"
+    generate_split(unlabelled, "valid", 20, seed=4, cfg=SynthConfig(), progress=False)
+    ann = unlabelled / "valid" / "_annotations.coco.json"
+    ann.write_text(json.dumps({**json.loads(ann.read_text()), "annotations": []}))
+    spec = archive_args(name="shapes", weights=str(DEMO_WEIGHTS), labels=str(DEMO_LABELS), arch="fcos_tiny",
+                        runtime="auto", precision="auto", parity_data=str(unlabelled), parity_images=4,
+                        export_path=str(tmp_path), build_dir=str(tmp_path / "b"))
+    with caplog.at_level("WARNING"):
+        mar = build(spec)
+    assert "has no annotations for this model's labels" in caplog.text and "stays fp32" in caplog.text
+    with zipfile.ZipFile(mar) as z:
+        record = json.loads(z.read(precision.RECORD))
+        config = yaml.safe_load(z.read("model-config.yaml"))
+    assert record["precision"] == "fp32" and record["reason"] == "no labelled validation images"
+    assert config["handler"].get("runtime", {}).get("precision", "fp32") == "fp32"
+    with pytest.raises(ArchiveError, match="PRECISION=auto chooses among"):
+        build(archive_args(name="shapes", weights=str(DEMO_WEIGHTS), labels=str(DEMO_LABELS), arch="fcos_tiny",
+                           runtime="eager", precision="auto", export_path=str(tmp_path)))
 
 
 def _tensors(payload: dict) -> dict[str, torch.Tensor]:
@@ -463,13 +556,19 @@ def test_served_map_equals_eager(rt_server, test_split, tmp_path):
     results = {m: evaluate(test_split, "test", model=m, url=rt_server.inference_url, management=mgmt,
                            store=rt_server.model_store, out=tmp_path / m, samples=0,
                            token=rt_server.key("inference"))
-               for m in ("shapes", "shapes_ort", "shapes_ov")}
+               for m in ("shapes", "shapes_ort", "shapes_ov", "shapes_auto")}
     base = results["shapes"]["metrics"]["coco"]["mAP"]
     assert base > 0.5  # the trained demo model
     for m in ("shapes_ort", "shapes_ov"):
         assert not results[m]["failures"]
         got = results[m]["metrics"]["coco"]["mAP"]
         assert abs(got - base) <= 0.002, (m, got, base)
+    # PRECISION=auto, judged on the validation split, served on the test split: within the gate's tolerance
+    # (and a little more: other images)
+    assert not results["shapes_auto"]["failures"]
+    auto = results["shapes_auto"]["metrics"]["coco"]["mAP"]
+    print(f"\ntest mAP: eager {base:.4f}, PRECISION=auto {auto:.4f}")
+    assert auto >= base - 2 * GATE_TOLERANCE, (auto, base)
 
 
 @pytest.mark.server

@@ -24,6 +24,7 @@ from serve_demo.core.layout import cpu_layout
 from serve_demo.core.loader import load_detector
 from serve_demo.core.runtime import MANIFEST, RUNTIME_DIR, RuntimeConfig, RuntimeManifest, accelerate
 
+from . import precision
 from .export import export_parts, export_whole
 from .parity import Answers, ParityReport, answer, compare_answers, validation_images
 from .spec import ArchiveError, ArchiveSpec, importable
@@ -62,7 +63,8 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
     Each candidate is exported once (reused from ``BUILD_DIR/_exports/NAME`` when weights, model, images, runtime and
     exporter are unchanged) and timed on :data:`PROBE_IMAGES` images; the parity gate then runs on every
     validation image for the fastest one only, and on the next fastest if it fails. Eager answers are
-    computed once and compared with each candidate that gets that far.
+    computed once and compared with each candidate that gets that far. ``spec.precision`` auto then
+    scores the fp32 choice and OpenVINO's bf16 / int8 by mAP (:mod:`.precision`).
 
     Raises:
         ArchiveError: no parity data, a runtime not installed, or parity failed (with the figures).
@@ -74,6 +76,8 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
         images = validation_images(spec.parity_data, spec.parity_split, spec.parity_images)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise ArchiveError(f"parity images: {exc}") from None
+    auto_precision = spec.precision == "auto"
+    fp32_precision = "fp32" if auto_precision else spec.precision
     # the whole graph only when asked (GRAPH=whole): fcos_tiny's and the MobileNet FPN's answer other sizes
     # 1.9 px off; R50-FPN's passed at 2 threads but not at the worker's 1 (1.72 px, 6 unmatched), and trying
     # it made the R50 archive 117 s instead of 84 (docs/performance.md, scripts/whole_graph.py)
@@ -86,18 +90,25 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
         if spec.precision == "int8" and not installed("nncf"):
             raise ArchiveError("precision int8 needs NNCF: pip install nncf")
         try:
-            candidates = [RuntimeConfig.from_yaml({"name": spec.runtime, "precision": spec.precision,
+            candidates = [RuntimeConfig.from_yaml({"name": spec.runtime, "precision": fp32_precision,
                                                    "graph": spec.graph or "parts"})]
         except ValueError as exc:
             raise ArchiveError(str(exc)) from None
+    lowered = precision.low_precision_candidates(installed) if auto_precision else []
+    gate = _gate_set(spec, labels) if auto_precision else None
+    if gate is None:
+        lowered = []
     calibration = images
-    if any(rt.precision == "int8" for rt in candidates) and len(images) < CALIBRATION_IMAGES:
+    if any(rt.precision == "int8" for rt in (*candidates, *lowered)) and len(images) < CALIBRATION_IMAGES:
         calibration = validation_images(spec.parity_data, spec.parity_split, CALIBRATION_IMAGES)
     layout = cpu_layout(workers=spec.workers)
     threads = spec.threads or layout.threads
     rt_threads = spec.threads or layout.runtime_threads  # what a worker of the default layout will use
     probe = images[:PROBE_IMAGES]
     steps = len(probe) + len(candidates) * (1 + len(probe)) + 2 * (len(images) - len(probe))
+    steps += len(lowered) * (1 + len(probe)) + (len(gate.images) * (1 + len(lowered)) if lowered else 0)
+    chosen: tuple[RuntimeConfig, Path, ParityReport, torch.nn.Module] | bool | None = None
+    record: precision.PrecisionRecord | None = None
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # timed as a worker of the default layout runs
     try:
@@ -105,28 +116,13 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
             progress.stage("eager: timing")
             eager = _load(stage, weights, model_file, cfg, labels)
             eager_answers = answer(eager, probe, tick=progress.tick)
-            timed: list[tuple[RuntimeConfig, Path, torch.nn.Module, Answers]] = []
-            for rt in candidates:
-                progress.stage(f"{rt.label}: export")
-                try:
-                    folder = _exported(spec, rt, stage, weights, model_file, cfg, labels, calibration, threads,
-                                       build_dir)
-                except (ValueError, RuntimeError) as exc:
-                    if spec.runtime != "auto":
-                        raise ArchiveError(f"{rt.label}: {exc}") from None
-                    log.warning("auto: %s skipped: %s", rt.label, exc)
-                    progress.tick(1 + len(probe))
-                    continue
-                progress.tick()
-                progress.stage(f"{rt.label}: timing")
-                accelerated = _load(stage, weights, model_file, cfg, labels)
-                accelerate(accelerated, folder, rt, rt_threads, torch.device("cpu"))
-                timed.append((rt, folder, accelerated, answer(accelerated, probe, tick=progress.tick)))
+            exports = _Exports(spec, stage, weights, model_file, cfg, labels, calibration, threads, rt_threads,
+                               build_dir, probe, progress)
+            timed = [t for t in map(exports.timed, candidates) if t]
             timed.sort(key=lambda t: t[3].median_ms)
             if timed:
                 log.info("timed on %d image(s): eager %.0f ms; %s", len(probe), eager_answers.median_ms,
                          ", ".join(f"{rt.label} {a.median_ms:.0f} ms" for rt, _, _, a in timed))
-            chosen = None
             for rt, folder, accelerated, probed in timed:
                 if spec.runtime == "auto" and eager_answers.median_ms / probed.median_ms < MIN_SPEEDUP:
                     break  # the fastest is not fast enough: eager
@@ -137,27 +133,136 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
                 progress.extend(len(images) - len(probe) if chosen is False else 0)
                 report = compare_answers(eager_answers, answer(accelerated, images, done=probed, tick=progress.tick))
                 if _record(spec, rt, folder, report, threads, rt_threads):
-                    chosen = (rt, folder, report)
+                    chosen = (rt, folder, report, accelerated)
                     break
                 chosen = False  # a fallback runs a second gate: the bar grows
+            if not chosen and spec.runtime == "auto":
+                if timed and chosen is None:
+                    rt, _, _, probed = timed[0]
+                    log.warning("auto: the fastest runtime, %s, is only %.2fx eager here; the archive runs eager",
+                                rt.label, eager_answers.median_ms / probed.median_ms)
+                else:
+                    log.warning("auto: no runtime passed here; the archive runs eager")
+            if auto_precision:
+                record = _choose_precision(spec, gate, lowered, chosen or None, eager, exports, progress)
     finally:
         torch.set_num_threads(before)
+    if record is not None:
+        record.write(stage)
+        log.info("precision auto: %s", record.summary())
+        if record.precision != "fp32":
+            low = next(c for c in record.candidates if c.runtime == record.chosen)
+            rt = RuntimeConfig("openvino", precision=low.precision)
+            shutil.copytree(exports.folders[rt.label], stage / RUNTIME_DIR)
+            return rt
     if not chosen:
         if spec.runtime == "auto":
-            if timed and chosen is None:
-                rt, _, _, probed = timed[0]
-                log.warning("auto: the fastest runtime, %s, is only %.2fx eager here; the archive runs eager",
-                            rt.label, eager_answers.median_ms / probed.median_ms)
-            else:
-                log.warning("auto: no runtime passed here; the archive runs eager")
             return RuntimeConfig()
         raise ArchiveError(f"{spec.runtime}: nothing to archive")
-    rt, folder, report = chosen
+    rt, folder, report, _ = chosen
     shutil.copytree(folder, stage / RUNTIME_DIR)
     manifest = RuntimeManifest.read(stage / RUNTIME_DIR)
     log.info("runtime %s: %d of %d parts exported, %.2fx eager per image (torch %d thread(s), runtime %d)",
              rt.label, len(manifest.exported), len(manifest.parts), report.speedup, threads, rt_threads)
     return rt
+
+
+class _Exports:
+    """Export (or reuse) a candidate, load it as a worker will and time it on the probe images."""
+
+    def __init__(self, spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | None, cfg: HandlerConfig,
+                 labels: dict[int, str], calibration: list[torch.Tensor], threads: int, rt_threads: int,
+                 build_dir: Path, probe: list[torch.Tensor], progress: Progress) -> None:
+        self.spec, self.stage, self.weights, self.model_file, self.cfg, self.labels = (
+            spec, stage, weights, model_file, cfg, labels)
+        self.calibration, self.threads, self.rt_threads, self.build_dir = calibration, threads, rt_threads, build_dir
+        self.probe, self.progress = probe, progress
+        self.folders: dict[str, Path] = {}
+
+    def timed(self, rt: RuntimeConfig) -> tuple[RuntimeConfig, Path, torch.nn.Module, Answers] | None:
+        """``(rt, export folder, accelerated model, probe answers)``; None when auto skips what did not export.
+
+        Raises:
+            ArchiveError: a named runtime did not export.
+        """
+        self.progress.stage(f"{rt.label}: export")
+        try:
+            folder = _exported(self.spec, rt, self.stage, self.weights, self.model_file, self.cfg, self.labels,
+                               self.calibration, self.threads, self.build_dir)
+        except (ValueError, RuntimeError) as exc:
+            optional = self.spec.runtime == "auto" or (self.spec.precision == "auto" and rt.precision != "fp32")
+            if not optional:
+                raise ArchiveError(f"{rt.label}: {exc}") from None
+            log.warning("auto: %s skipped: %s", rt.label, exc)
+            self.progress.tick(1 + len(self.probe))
+            return None
+        self.folders[rt.label] = folder
+        self.progress.tick()
+        self.progress.stage(f"{rt.label}: timing")
+        accelerated = _load(self.stage, self.weights, self.model_file, self.cfg, self.labels)
+        accelerate(accelerated, folder, rt, self.rt_threads, torch.device("cpu"))
+        return rt, folder, accelerated, answer(accelerated, self.probe, tick=self.progress.tick)
+
+
+def _gate_set(spec: ArchiveSpec, labels: dict[int, str]) -> precision.GateSet | None:
+    """The labelled images ``PRECISION=auto`` scores on; None (fp32 only, said so) without labels."""
+    try:
+        skip = max(CALIBRATION_IMAGES, spec.parity_images)  # int8 calibrates on these: not scored on them
+        gate = precision.gate_set(spec.parity_data, spec.parity_split, labels, skip, spec.gate_images)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise ArchiveError(f"precision auto: {exc}") from None
+    if gate is None:
+        log.warning("precision auto: %s/%s has no annotations for this model's labels, so no mAP can judge "
+                    "bf16 or int8: the archive stays fp32 (give PARITY_DATA a labelled COCO split)",
+                    spec.parity_data, spec.parity_split)
+    elif len(gate.images) < precision.MIN_GATE_IMAGES:
+        log.warning("precision auto: only %d labelled images in %s/%s; the mAP gate is coarse",
+                    len(gate.images), spec.parity_data, spec.parity_split)
+    return gate
+
+
+def _choose_precision(spec: ArchiveSpec, gate: precision.GateSet | None, lowered: list[RuntimeConfig],
+                      fp32: tuple[RuntimeConfig, Path, ParityReport, torch.nn.Module] | None,
+                      eager: torch.nn.Module, exports: _Exports, progress: Progress) -> precision.PrecisionRecord:
+    """Time the low-precision candidates; score the fp32 choice and those faster than it on the gate set; the
+    fastest within ``spec.gate_tolerance`` of fp32's mAP."""
+    fp32_rt, fp32_model = (fp32[0], fp32[3]) if fp32 else (RuntimeConfig(), eager)
+    record = precision.PrecisionRecord(fp32_rt.label, "fp32", spec.gate_tolerance)
+    if gate is None or not lowered:
+        record.reason = ("no labelled validation images" if gate is None else
+                         "OpenVINO is not installed: no bf16 / int8 candidate")
+        return record
+    record.dataset, record.split, record.images = str(spec.parity_data), gate.split, len(gate.images)
+    progress.stage(f"{fp32_rt.label}: mAP")
+    maps, ms = precision.score(fp32_model, gate, spec.mask_threshold, progress.tick)
+    record.fp32 = precision.Scored(fp32_rt.label, "fp32", round(ms, 2), maps)
+    for rt in lowered:
+        timed = exports.timed(rt)
+        if timed is None:
+            record.candidates.append(precision.Scored(rt.label, rt.precision, 0.0, passed=False,
+                                                      note="did not export"))
+            progress.tick(len(gate.images))
+            continue
+        progress.stage(f"{rt.label}: mAP")
+        maps, ms = precision.score(timed[2], gate, spec.mask_threshold, progress.tick)
+        scored = precision.Scored(rt.label, rt.precision, round(ms, 2), maps)
+        precision.judge(record.fp32, scored, spec.gate_tolerance)
+        record.candidates.append(scored)
+        _annotate(exports.folders[rt.label], record, scored)
+    best = precision.fastest_within(record.fp32, record.candidates)
+    record.chosen, record.precision = best.runtime, best.precision
+    record.reason = ("the fastest within the tolerance" if best is not record.fp32 else
+                     "no lower precision was both faster and within the tolerance")
+    return record
+
+
+def _annotate(folder: Path, record: precision.PrecisionRecord, scored: precision.Scored) -> None:
+    """The mAP gate's figures in a low-precision export's manifest, beside its parity figures."""
+    manifest = RuntimeManifest.read(folder)
+    manifest.parity = {**manifest.parity, "gate": "precision auto: mAP within the tolerance of fp32",
+                       "fp32_map": record.fp32.maps if record.fp32 else {}, "map": scored.maps,
+                       "median_ms": scored.median_ms, "gate_images": record.images}
+    manifest.write(folder)
 
 
 def _record(spec: ArchiveSpec, rt: RuntimeConfig, folder: Path, report: ParityReport, threads: int,

@@ -68,9 +68,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rt.add_argument("--runtime", default=_D.runtime, choices=(*RUNTIMES, "auto"),
                     help="eager (torch), onnxruntime, openvino, or auto: the fastest that passes parity on "
                          f"this machine when --parity-data is given, else eager (default {_D.runtime})")
-    rt.add_argument("--precision", default=_D.precision, choices=PRECISIONS,
+    rt.add_argument("--precision", default=_D.precision, choices=(*PRECISIONS, "auto"),
                     help="openvino only: bf16 or int8 (NNCF post-training quantization on the parity images) "
-                         "are not bit-close, so they skip pixel parity and must pass make promote's mAP gate")
+                         "are not bit-close, so they skip pixel parity and must pass make promote's mAP gate; "
+                         "auto: the fastest of the fp32 runtime, OpenVINO bf16 and int8 whose COCO mAP on "
+                         "--gate-images labelled --parity-split images is within --gate-tolerance of fp32's "
+                         f"(fp32 when the split has no labels; default {_D.precision})")
+    rt.add_argument("--gate-tolerance", type=float, default=_D.gate_tolerance,
+                    help=f"precision auto: the largest mAP drop accepted (default {_D.gate_tolerance})")
+    rt.add_argument("--gate-images", type=int, default=_D.gate_images,
+                    help=f"precision auto: labelled images each candidate is scored on (default {_D.gate_images}; "
+                         "after the int8 calibration images)")
     rt.add_argument("--graph", default=_D.graph, choices=GRAPHS,
                     help="parts: the dense parts in the runtime, torch keeps the transform, RoIAlign, NMS and box "
                          "decoding (default); whole: the whole model([image]) call in the runtime (classic ONNX "
@@ -276,9 +284,14 @@ def build(spec: ArchiveSpec) -> Path:
         elapsed = check_model(stage, weights, model_file if spec.model_file else None, cfg, labels)
         log.info("checked: %s loads from %s and answers one 320x240 image in %.0f ms",
                  arch or model_file.name, weights.name, elapsed * 1000)
+    if spec.precision == "auto" and spec.runtime == "eager":
+        raise ArchiveError("PRECISION=auto chooses among the fp32 runtime and OpenVINO's bf16 / int8: give "
+                           "RUNTIME=auto (or openvino / onnxruntime), or PRECISION=fp32 with RUNTIME=eager")
     if spec.runtime == "auto" and (spec.no_check or not spec.parity_data):
         log.info("runtime auto: eager (an accelerated runtime is only chosen by its parity gate, which needs "
-                 "--parity-data DATASET and the check)")
+                 "--parity-data DATASET and the check)%s",
+                 "; precision auto: fp32 (no labelled images to score bf16 / int8 on)" if spec.precision == "auto"
+                 else "")
     elif spec.runtime != "eager":
         if spec.no_check:
             raise ArchiveError("an accelerated runtime needs the check (its parity gate): drop --no-check")

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from serve_demo.core import defaults
+from serve_demo.core import defaults, models
 
 PACKAGE = Path(__file__).resolve().parent.parent  # serve_demo/
 CORE = "core"  # the worker core: the archive carries this folder, so it runs on any TorchServe
@@ -57,7 +56,12 @@ class ArchiveSpec:
     pin_memory: bool = False
     capture_rate: float = 0.0  # > 0: keep this share of the uncertain images for labelling (handler.capture)
     runtime: str = defaults.RUNTIME  # eager | onnxruntime | openvino | auto (the fastest passing parity here)
-    precision: str = defaults.PRECISION  # openvino only: bf16 / int8 skip pixel parity and must pass the promotion gate
+    # fp32; bf16 / int8 (openvino only) skip pixel parity and must pass the promotion gate; auto: the fastest of the
+    # fp32 runtime and OpenVINO bf16 / int8 whose mAP on gate_images labelled parity_split images is within
+    # gate_tolerance of fp32's (archive/precision.py)
+    precision: str = defaults.PRECISION
+    gate_tolerance: float = defaults.GATE_TOLERANCE
+    gate_images: int = 100
     graph: str | None = None  # parts | whole (None: parts)
     parity_data: str | None = None  # COCO dataset root whose parity_split images gate an accelerated runtime
     parity_split: str = "valid"
@@ -76,15 +80,10 @@ class ArchiveSpec:
 
 def parse_model_kwargs(raw: str | None) -> dict:
     """``--model-kwargs`` JSON as a dict."""
-    if not raw:
-        return {}
     try:
-        kwargs = json.loads(raw)
+        return models.parse_model_kwargs(raw)
     except ValueError as exc:
-        raise ArchiveError(f"--model-kwargs must be a JSON object: {exc}") from None
-    if not isinstance(kwargs, dict):
-        raise ArchiveError("--model-kwargs must be a JSON object such as '{\"min_size\": 512}'")
-    return kwargs
+        raise ArchiveError(str(exc)) from None
 
 
 @contextlib.contextmanager

@@ -143,6 +143,25 @@ def available_archs() -> list[str]:
     return sorted(_LOCAL) + list(TORCHVISION_ARCHS)
 
 
+def parse_model_kwargs(raw: str | None) -> dict:
+    """``--model-kwargs`` JSON (the builder's extra keyword arguments) as a dict.
+
+    Raises:
+        ValueError: not a JSON object, with an example of one.
+    """
+    if not raw:
+        return {}
+    import json
+
+    try:
+        kwargs = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"--model-kwargs must be a JSON object: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError("--model-kwargs must be a JSON object such as '{\"min_size\": 512}'")
+    return kwargs
+
+
 def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
     """Build ``arch`` with ``num_classes`` outputs (background included), randomly initialised.
 

@@ -20,7 +20,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from serve_demo.core import defaults
-from serve_demo.core.models import DEMO_ARCH, available_archs, build_model, load_state_dict_file, task_of
+from serve_demo.core.models import (
+    DEMO_ARCH,
+    available_archs,
+    build_model,
+    load_state_dict_file,
+    parse_model_kwargs,
+    task_of,
+)
 from serve_demo.data.coco import CocoDetection, collate, keypoint_names, label_map_from_coco, load_coco
 from serve_demo.data.cocometrics import coco_metrics, to_coco_detections
 
@@ -53,6 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "of matching shape), e.g. weights/shapes.pt for maskrcnn_tiny")
     p.add_argument("--mask-threshold", type=float, default=defaults.MASK_THRESHOLD,
                    help="mask binarisation for segm mAP")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help="extra keyword arguments for the architecture's builder, e.g. training-only "
+                        "'{\"rpn_post_nms_top_n_train\": 300}' (kept in the training card; the ones that change "
+                        "inference must be given to make archive as MODEL_KWARGS too)")
 
 
 def pick_device(name: str) -> torch.device:
@@ -161,7 +172,10 @@ def main(args: argparse.Namespace) -> int:
                         persistent_workers=args.workers > 0)
 
     log.info("Creating model %s on %s", args.arch, device)
-    model_kwargs = {}
+    try:
+        model_kwargs = parse_model_kwargs(args.model_kwargs)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if task == "keypoints":
         model_kwargs["num_keypoints"] = len(keypoint_names(train_set.coco, label_map))
     model = build_model(args.arch, num_classes=len(label_map), **model_kwargs)
@@ -248,6 +262,7 @@ def main(args: argparse.Namespace) -> int:
     card = {"name": args.name, "arch": args.arch, "data": str(args.data), "seed": args.seed,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
             "device": str(device), "threads": torch.get_num_threads(),
+            **({"model_kwargs": model_kwargs} if model_kwargs else {}),
             "train_minutes": round(elapsed / 60, 1), "command": command_line(),
             "final": history[-1] if history else {}}
     (Path(args.weights_dir) / f"{args.name}.json").write_text(json.dumps(card, indent=1) + "\n")
