@@ -54,7 +54,7 @@ COMMANDS: dict[str, Command] = {
     "compare": Command("evaluate two served versions on one split; table + plot", "commands.versions",
                        "add_compare_arguments", "main_compare"),
     "bench": Command("in-process limits vs our servers vs the stock handler vs LitServe (one run)",
-                     "bench.runner", "add_arguments", "main"),
+                     "bench.command", "add_arguments", "main"),
     "bench-streams": Command("1, 2 and 4 live RTSP cameras into the running server: fps, drops, latency, MOTA",
                              "bench.streams", "add_arguments", "main"),
     "drift": Command("PSI of live traffic (from Prometheus) against the evaluation baseline; exit 1 on drift",

@@ -307,6 +307,34 @@ def test_precision_gate_set_skips_the_calibration_images_and_needs_labels(tmp_pa
     assert precision.gate_set(tmp_path / "labelled", "valid", {0: "__background__", 1: "zebra"}, 5, 100) is None
 
 
+@pytest.mark.unit
+def test_ort_gpu_providers_follow_the_choice(monkeypatch):
+    from serve_demo.core.runtime import ORT_GPU_ENV, RuntimeUnavailable, ort_gpu_providers
+
+    both = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.delenv(ORT_GPU_ENV, raising=False)
+    assert ort_gpu_providers(both, 1) == [("TensorrtExecutionProvider", {"device_id": 1}),
+                                          ("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert ort_gpu_providers(both, 0, "cuda") == [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    monkeypatch.setenv(ORT_GPU_ENV, "tensorrt-fp16")
+    assert ort_gpu_providers(both, 0)[0] == ("TensorrtExecutionProvider", {"device_id": 0, "trt_fp16_enable": True})
+    with pytest.raises(RuntimeUnavailable, match="none of TensorrtExecutionProvider .*install onnxruntime-gpu"):
+        ort_gpu_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], 0)
+    with pytest.raises(RuntimeUnavailable, match="give one of cuda, tensorrt, tensorrt-fp16"):
+        ort_gpu_providers(both, 0, "rocm")
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_bench_without_cuda_says_where_to_run_it(capsys):
+    from serve_demo.bench import command
+
+    p = __import__("argparse").ArgumentParser()
+    command.add_arguments(p)
+    assert command.main(p.parse_args(["--device", "cuda", "--models", "demo"])) == 2
+    assert "no CUDA device here. Run make bench DEVICE=cuda on a machine with an NVIDIA GPU" in capsys.readouterr().out
+
+
 # --- archives: the gate accepts, refuses, records --------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from serve_demo.core import defaults
 from serve_demo.core.config import RuntimeConfig
 from serve_demo.core.pipeline import run_detector
 from serve_demo.data.cocometrics import coco_metrics, iou_types, to_coco_detections
@@ -85,28 +86,32 @@ def gate_set(root: str | Path, split: str, labels: dict[int, str], skip: int, li
 def score(model: nn.Module, data: GateSet, mask_threshold: float, tick: Callable[[], None] | None = None,
           warmup: int = 1) -> tuple[dict[str, float], float]:
     """``model``'s mAP per iou type on ``data`` (the served path, one image at a time) and its median ms."""
-    from serve_demo.core.masks import encode_all
-
     cpu = torch.device("cpu")
-    segm = "segm" in data.iou_types
     for im in data.images[:warmup]:
         run_detector(model, [im], cpu)
-    rows: list[dict] = []
+    outputs: list[dict[str, torch.Tensor]] = []
     ms: list[float] = []
-    scored = ["bbox"]
-    for image_id, im in zip(data.ids, data.images):
+    for im in data.images:
         t0 = time.perf_counter()
-        out = run_detector(model, [im], cpu)[0]
+        outputs.append(run_detector(model, [im], cpu)[0])
         ms.append((time.perf_counter() - t0) * 1000)
-        segs = encode_all(out["masks"].cpu(), mask_threshold) if segm and "masks" in out else None
-        if segs is not None and "segm" not in scored:
-            scored.append("segm")
-        rows += to_coco_detections(image_id, out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist(),
-                                   data.label_to_cat, segmentations=segs)
         if tick:
             tick()
-    maps = {t: round(coco_metrics(data.gt, rows, t)["mAP"], 4) for t in scored}
-    return maps, sorted(ms)[len(ms) // 2]
+    return maps_of(outputs, data, mask_threshold), sorted(ms)[len(ms) // 2]
+
+
+def maps_of(outputs: list[dict[str, torch.Tensor]], data: GateSet,
+            mask_threshold: float = defaults.MASK_THRESHOLD) -> dict[str, float]:
+    """mAP@[.5:.95] per iou type (bbox; segm when the split and the answers have masks) of one answer per image."""
+    from serve_demo.core.masks import encode_all
+
+    segm = "segm" in data.iou_types and all("masks" in o for o in outputs)
+    rows: list[dict] = []
+    for image_id, out in zip(data.ids, outputs):
+        segs = encode_all(out["masks"].cpu(), mask_threshold) if segm else None
+        rows += to_coco_detections(image_id, out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist(),
+                                   data.label_to_cat, segmentations=segs)
+    return {t: round(coco_metrics(data.gt, rows, t)["mAP"], 4) for t in (("bbox", "segm") if segm else ("bbox",))}
 
 
 def judge(reference: Scored, candidate: Scored, tolerance: float) -> None:

@@ -61,18 +61,28 @@ class BenchModel:
     weights: str | None
     labels: str
     images: int  # per measurement; the load phases send twice as many
+    built_by: str = ""  # the make target that builds weights not in the repository
 
     @property
     def title(self) -> str:
-        return f"{self.arch} ({'committed weights' if self.weights else 'random weights'})"
+        return f"{self.arch} ({'trained weights' if self.weights else 'random weights'})"
+
+    @property
+    def trained(self) -> bool:
+        """Trained weights: an mAP to protect, so PRECISION=auto is measured too."""
+        return self.weights is not None
 
 
 MODELS = {
     "demo": BenchModel("demo", "fcos_tiny", "weights/shapes.pt", "index_to_name/shapes.json", 40),
+    # the trained two-stage model at its default 320 px input (make train-frcnn; weights/shapes_frcnn.json)
+    "trained": BenchModel("trained", "fasterrcnn_mobilenet_v3_large_320_fpn", "weights/shapes_frcnn.pt",
+                          "index_to_name/shapes_frcnn.json", 40, built_by="make train-frcnn"),
     "frcnn": BenchModel("frcnn", "fasterrcnn_mobilenet_v3_large_fpn", None, "index_to_name/shapes.json", 16),
     # what users fine-tune (the tutorial's model): ResNet-50 FPN at 800 px; about 2.5 s an image eager on 2 cores
     "r50": BenchModel("r50", "fasterrcnn_resnet50_fpn", None, "index_to_name/shapes.json", 8),
 }
+DEFAULT_MODELS = "demo,trained,r50"
 
 
 def load_images(dataset: Path, split: str, n: int, size: tuple[int, int] | None = None) -> list[bytes]:
@@ -240,30 +250,60 @@ def stock_archive(weights: Path, labels: Path, arch: str, store: Path, build: Pa
 
 
 def ours_archive(weights: Path, labels: Path, arch: str, store: Path, build: Path, name: str, runtime: str,
-                 parity_data: Path, parity_split: str) -> tuple[Path, str]:
-    """An archive as ``make archive`` builds it (defaults: the machine's layout) with ``runtime``;
-    its path and the runtime it names (``auto`` resolves to one)."""
+                 parity_data: Path, parity_split: str, precision: str = defaults.PRECISION,
+                 fp16: bool = False) -> tuple[Path, str]:
+    """An archive as ``make archive`` builds it (defaults: the machine's layout) with ``runtime`` and
+    ``precision``; its path and the runtime it names (``auto`` resolves to one: ``openvino-int8``, ...)."""
     import zipfile
 
     import yaml
 
     from serve_demo.archive.builder import ArchiveSpec
     from serve_demo.archive.builder import build as build_archive
+    from serve_demo.core.config import RuntimeConfig
 
     mar = build_archive(ArchiveSpec(name=name, weights=str(weights), labels=str(labels), arch=arch, runtime=runtime,
+                                    precision=precision, fp16=fp16,
                                     parity_data=str(parity_data) if runtime != "eager" else None,
                                     parity_split=parity_split, export_path=str(store), build_dir=str(build)))
     with zipfile.ZipFile(mar) as z:
         handler = yaml.safe_load(z.read("model-config.yaml")).get("handler", {})
-    return mar, (handler.get("runtime") or {}).get("name", "eager")
+    return mar, RuntimeConfig.from_yaml(handler.get("runtime")).label
+
+
+def precision_record(mar: Path) -> dict:
+    """The ``precision.json`` a ``PRECISION=auto`` archive carries."""
+    import zipfile
+
+    from serve_demo.archive.precision import RECORD
+
+    with zipfile.ZipFile(mar) as z:
+        return json.loads(z.read(RECORD))
+
+
+def _split_map_worker(mar: str, dataset: str, split: str, out: str) -> float:
+    from serve_demo.evaluate.evaluator import evaluate
+
+    logging.disable(logging.WARNING)
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = evaluate(dataset, split, offline=Path(mar), out=Path(out), samples=0)
+    return round(result["metrics"]["coco"]["mAP"], 4)
+
+
+def split_map(mar: Path, dataset: Path, split: str, out: Path) -> float:
+    """COCO mAP@[.5:.95] of an archive on ``split``, in-process (the evaluator's offline mode), in a fresh
+    process like the in-process measurements (the archive builds leave runtimes' thread pools in this one)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_split_map_worker, (str(mar), str(dataset), split, str(out)))
 
 
 def start_torchserve(home: Path, store: Path, models: str, metrics_mode: str = "prometheus",
-                     overrides: dict[str, str] | None = None):
+                     overrides: dict[str, str] | None = None, environment: dict[str, str] | None = None):
     """TorchServe with the shipped config (prometheus metrics, shipped log4j2) on free ports."""
     from serve_demo.serve.torchserve import TorchServe
 
-    ts = TorchServe.on_free_ports(home, store, models=models, environment={"TS_METRICS_MODE": metrics_mode},
+    ts = TorchServe.on_free_ports(home, store, models=models,
+                                  environment={"TS_METRICS_MODE": metrics_mode, **(environment or {})},
                                   overrides=overrides or {})
     ts.start()
     ts.wait_ready(240)
@@ -393,6 +433,19 @@ def write_outputs(out: Path, result: dict) -> None:
         lines += ["", "## Frontend CPU per request (JVM, concurrency 4)", ""]
         lines += [f"- {k}: {v['jvm_cpu_ms_per_request']} ms CPU per request, {v['throughput_rps']} images/s"
                   for k, v in result["frontend"].items()]
+    record = result.get("precision_auto")
+    if record:
+        lines += ["", f"## PRECISION=auto (archive time, {record['images']} {record['split']} images after the "
+                      f"calibration ones; tolerance {record['tolerance']})", "",
+                  "| candidate | mAP | median ms / image | within the tolerance |", "|---|---|---|---|"]
+        for c in [record["fp32"], *record["candidates"]] if record.get("fp32") else []:
+            chosen = " (chosen)" if c["runtime"] == record["chosen"] else ""
+            lines.append(f"| {c['runtime']}{chosen} | {', '.join(f'{k} {v:.4f}' for k, v in c['maps'].items())} | "
+                         f"{c['median_ms']} | {'yes' if c['passed'] else 'no: ' + c['note']} |")
+        if not record.get("fp32"):
+            lines.append(f"fp32: {record['reason']}")
+        lines += ["", f"{result['accuracy']['split']}-split mAP, in-process: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in result["accuracy"].items() if k != "split")]
     lines += ["", "## Ratios", ""] + [f"- {k}: {v}" for k, v in result["ratios"].items()]
     lines += ["", "![throughput](throughput_vs_concurrency.png)", "", "![latency](latency_cdf.png)", ""]
     (out / "bench.md").write_text("\n".join(lines))
@@ -415,6 +468,9 @@ def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) 
     store.mkdir(parents=True)
     labels = Path(model.labels)
     weights = Path(model.weights) if model.weights else random_weights(model, labels, work)
+    if not weights.is_file():
+        raise SystemExit(f"{weights} is missing: build it with `{model.built_by or 'make train'}` (resumable), "
+                         f"or leave {model.key} out of BENCH_MODELS")
     n = args.images or model.images
     images = load_images(Path(args.dataset), args.split, n)
     n_lat, n_load = n, n * 2
@@ -430,12 +486,26 @@ def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) 
     for rt in ("onnxruntime", "openvino"):
         runtime_mars[rt] = shipped_mar if rt == shipped_runtime else ours_archive(
             weights, labels, model.arch, store, build, rt, rt, Path(args.dataset), args.parity_split)[0]
+    auto_mar, auto_runtime, record, accuracy = None, None, None, {}
+    if model.trained:  # PRECISION=auto: the fastest of fp32, bf16 and int8 within GATE_TOLERANCE on the valid split
+        auto_mar, auto_runtime = ours_archive(weights, labels, model.arch, store, build, "auto", "auto",
+                                              Path(args.dataset), args.parity_split, precision="auto")
+        record = precision_record(auto_mar)
+        log.info("%s: PRECISION=auto chose %s", model.title, auto_runtime)
+        if auto_runtime in (shipped_runtime, "eager"):
+            auto_mar = None  # nothing new to measure: the shipped archive already runs it
+        accuracy = {"split": args.split, "eager fp32": split_map(eager_mar, Path(args.dataset), args.split,
+                                                                 work / "eval-eager")}
+        accuracy[f"PRECISION=auto ({auto_runtime})"] = (
+            split_map(auto_mar, Path(args.dataset), args.split, work / "eval-auto") if auto_mar
+            else accuracy["eager fp32"] if auto_runtime == "eager"
+            else split_map(shipped_mar, Path(args.dataset), args.split, work / "eval-shipped"))
     for w in sorted({1, cores}):
         stock_archive(weights, labels, model.arch, store, build, w)
     steps.update(1)
 
     inproc = []
-    for rt, mar in (("eager", eager_mar), *runtime_mars.items()):
+    for rt, mar in (("eager", eager_mar), *runtime_mars.items(), *([(auto_runtime, auto_mar)] if auto_mar else [])):
         extra = [(shipped.workers, shipped.threads, shipped.runtime_threads)] if (
             rt != "eager" and shipped.runtime_threads != shipped.threads) else []
         for p, t, r in layouts + extra:  # the last: what a served worker of the default layout runs
@@ -456,6 +526,15 @@ def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) 
         rows.append(server_row(label, "ours", measure_server(send, images, n_lat, n_load)))
     finally:
         ts.stop()
+    if auto_mar:
+        ts = start_torchserve(work / "home-auto", store, "auto-1.0.mar")
+        try:
+            send = multipart_sender(f"{ts.inference_url}/predictions/auto", ts.auth("inference"))
+            rows.append(server_row(f"ours, PRECISION=auto ({auto_runtime}, {len(ws)} workers x {shipped.threads} "
+                                   f"threads, runtime {shipped.runtime_threads})", "ours-auto",
+                                   measure_server(send, images, n_lat, n_load)))
+        finally:
+            ts.stop()
     steps.update(1)
     if args.frontend_requests:  # the JVM's CPU per request, shipped log4j2.xml against TorchServe's built-in
         for label, home, logging_config in (("shipped log4j2.xml", work / "home-log-shipped", True),
@@ -503,6 +582,7 @@ def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) 
         "model": model.title, "machine": args.machine, "load_before": args.load_before, "images": n,
         "dataset": f"{args.dataset} {args.split}", "date": time.strftime("%Y-%m-%d %H:%M"), "command": args.command,
         "inprocess": inproc, "rows": rows, "frontend": frontend, "shipped_runtime": shipped_runtime,
+        "precision_auto": record, "accuracy": accuracy,
         "best_eager": best_eager, "best_runtime": best_runtime, "eager_reference": eager_ref,
     }
     result["ratios"] = {
@@ -520,6 +600,14 @@ def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) 
         "ours / best in-process runtime layout (what serving costs)":
             f"{best(ours) / best_runtime['throughput_rps']:.2f}",
     }
+    if record is not None:
+        fastest = max((r for r in rows if r["kind"].startswith("ours")), key=best)
+        auto_map, eager_map = accuracy[f"PRECISION=auto ({auto_runtime})"], accuracy["eager fp32"]
+        result["ratios"]["ours with PRECISION=auto / best eager in-process layout (target >= 2.5 on the trained "
+                         "two-stage model)"] = (f"{best(fastest) / best_eager['throughput_rps']:.2f} "
+                                                f"({auto_runtime}: {best(fastest)}/s)")
+        result["ratios"][f"{args.split} mAP, PRECISION=auto - eager fp32 (target >= -{defaults.GATE_TOLERANCE})"] = (
+            f"{auto_map - eager_map:+.4f} ({auto_map:.4f} vs {eager_map:.4f})")
     write_outputs(out, result)
     return result
 
@@ -545,11 +633,17 @@ def main(args: argparse.Namespace) -> int:
         log.warning(msg)
     args.load_before = f"{loads}" + (" (BUSY)" if is_busy else " (quiet)")
     args.machine = f"{cores} CPU cores ({platform_cpu()})"
-    args.command = "make bench" + (f" BENCH_MODELS={args.models}" if args.models != "demo,frcnn" else "")
+    args.command = "make bench" + (f" BENCH_MODELS={args.models}" if args.models != DEFAULT_MODELS else "")
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     unknown = [k for k in keys if k not in MODELS]
     if unknown:
         print(f"unknown --models {unknown}: choose from {sorted(MODELS)}", file=sys.stderr)
+        return 2
+    missing = [f"{MODELS[k].weights} ({MODELS[k].built_by})" for k in keys
+               if MODELS[k].weights and not Path(MODELS[k].weights).is_file()]
+    if missing:
+        print(f"missing weights: {', '.join(missing)}; build them first (resumable), or leave those models out of "
+              "BENCH_MODELS", file=sys.stderr)
         return 2
     steps = tqdm(total=len(keys) * 8, desc="bench", file=sys.stderr)
     results = []
@@ -578,10 +672,12 @@ def platform_cpu() -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", default="demo,frcnn",
-                   help=f"comma-separated, from {sorted(MODELS)} (demo: the committed fcos_tiny; frcnn: "
+    p.add_argument("--models", default=DEFAULT_MODELS,
+                   help=f"comma-separated, from {sorted(MODELS)} (demo: the committed fcos_tiny; trained: "
+                        "fasterrcnn_mobilenet_v3_large_320_fpn trained by make train-frcnn; frcnn: "
                         "fasterrcnn_mobilenet_v3_large_fpn at 800 px, random weights; r50: fasterrcnn_resnet50_fpn, "
-                        "the tutorial's model, at 800 px, random weights: about 25 min on 2 cores)")
+                        "the tutorial's model, at 800 px, random weights: about 25 min on 2 cores). The trained "
+                        f"ones are also archived with PRECISION=auto and scored on --split (default {DEFAULT_MODELS})")
     p.add_argument("--dataset", default=defaults.DEMO_DATA,
                    help="images to send; its --parity-split gates the runtimes")
     p.add_argument("--split", default="test")
@@ -595,5 +691,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kserve", action="store_true", help="also KServe's ModelServer on the shipped archive")
     p.add_argument("--frontend-requests", type=int, default=200,
                    help="requests per JVM CPU measurement (shipped vs built-in log4j2), first model only; 0: skip")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cuda: eager fp32 / fp16 and ONNX Runtime's CUDA / TensorRT (fp32, fp16) providers on the "
+                        "GPU, each through the mAP gate, then the fastest served (serve_demo/bench/gpu.py)")
     p.add_argument("--allow-busy", action="store_true",
                    help="measure even when the load average says the machine is busy (the report says so)")

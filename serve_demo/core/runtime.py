@@ -159,8 +159,38 @@ class Session:
         raise NotImplementedError
 
 
+# ONNX Runtime's GPU providers for a CUDA worker: unset = TensorRT where onnxruntime-gpu has it, then CUDA;
+# cuda | tensorrt | tensorrt-fp16 (TensorRT's fp16 kernels) pick one (make bench DEVICE=cuda measures each)
+ORT_GPU_ENV = "SERVE_DEMO_ORT_GPU"
+ORT_GPU_CHOICES = {"cuda": ("CUDAExecutionProvider",), "tensorrt": ("TensorrtExecutionProvider",),
+                   "tensorrt-fp16": ("TensorrtExecutionProvider",), "": ("TensorrtExecutionProvider",
+                                                                          "CUDAExecutionProvider")}
+
+
+def ort_gpu_providers(available: list[str], device_id: int, choice: str | None = None) -> list:
+    """The GPU providers (with options) for ``choice`` (default: :data:`ORT_GPU_ENV`), then the CPU's.
+
+    Raises:
+        RuntimeUnavailable: an unknown choice, or none of its providers in this ONNX Runtime.
+    """
+    choice = (os.environ.get(ORT_GPU_ENV, "") if choice is None else choice).strip().lower()
+    if choice not in ORT_GPU_CHOICES:
+        raise RuntimeUnavailable(f"{ORT_GPU_ENV}={choice!r}: give one of cuda, tensorrt, tensorrt-fp16 (or unset it)")
+    gpu = [p for p in ORT_GPU_CHOICES[choice] if p in available]
+    if not gpu:
+        raise RuntimeUnavailable("the worker runs on CUDA but this ONNX Runtime has none of "
+                                 f"{', '.join(ORT_GPU_CHOICES[choice])} (has {available}): install onnxruntime-gpu "
+                                 "(and TensorRT for its provider), or archive RUNTIME=eager")
+    options = {"device_id": device_id}
+    out: list = []
+    for p in gpu:
+        extra = {"trt_fp16_enable": True} if choice == "tensorrt-fp16" and p == "TensorrtExecutionProvider" else {}
+        out.append((p, {**options, **extra}))
+    return out + ["CPUExecutionProvider"]
+
+
 class OrtSession(Session):
-    """ONNX Runtime on CPU (or CUDA/TensorRT with onnxruntime-gpu on a CUDA device)."""
+    """ONNX Runtime on CPU (or CUDA/TensorRT with onnxruntime-gpu on a CUDA device: :func:`ort_gpu_providers`)."""
 
     def __init__(self, path: Path, threads: int, device: torch.device) -> None:
         try:
@@ -175,14 +205,9 @@ class OrtSession(Session):
         # threads that spin between calls take the core from the worker next door (layout.py: runtime
         # threads outnumber a worker's cores): measured 15.8 img/s spinning against 42.3 without, 1 x 2
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ["CPUExecutionProvider"]
+        providers: list = ["CPUExecutionProvider"]
         if device.type == "cuda":
-            available = ort.get_available_providers()
-            gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
-            if not gpu:
-                raise RuntimeUnavailable("the worker runs on CUDA but this ONNX Runtime has no CUDA provider "
-                                         f"(has {available}): install onnxruntime-gpu, or archive RUNTIME=eager")
-            providers = [(p, {"device_id": device.index or 0}) for p in gpu] + providers
+            providers = ort_gpu_providers(ort.get_available_providers(), device.index or 0)
         self.session = ort.InferenceSession(str(path), opts, providers=providers)
         self.names = [i.name for i in self.session.get_inputs()]
 
