@@ -164,7 +164,7 @@ train-masks: data-masks ## retrain the committed mask model from the demo's back
 FRCNN_TRAIN_KWARGS := {"rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300, "box_batch_size_per_image": 128}
 train-frcnn: data ## train weights/shapes_frcnn.pt, the trained two-stage bench model (resumable; see weights/shapes_frcnn.json)
 	$(PY) -m serve_demo train --data $(DATA) --name shapes_frcnn --arch fasterrcnn_mobilenet_v3_large_320_fpn \
-		--epochs 5 --batch-size 4 --lr 2e-3 --seed 0 --eval-every 1 --threads 2 --fp16 \
+		--epochs 3 --batch-size 4 --lr 2e-3 --seed 0 --eval-every 1 --threads 2 --fp16 \
 		--model-kwargs '$(FRCNN_TRAIN_KWARGS)'
 
 # The archive depends on the values that build it too: ARCHIVE_ARGS is kept in a stamp, rewritten when
@@ -218,10 +218,10 @@ sbom: $(STAMP) ## CycloneDX SBOM of IMAGE_TAG's Python packages -> reports/sbom/
 container-engine: ## check for docker/podman; install podman (root + apt-get) when there is none
 	@$(CONTAINER) engine
 
-# the trained bench model is not committed (39 MB): built once, about 65 min on 2 cores, then kept
+# the trained bench model is not committed (39 MB): built once, about 50 min on 2 cores, then kept
 FRCNN_WEIGHTS := weights/shapes_frcnn.pt
 $(FRCNN_WEIGHTS):
-	@echo "$@ is missing: training it (make train-frcnn, resumable; about 65 min on 2 CPU cores)"
+	@echo "$@ is missing: training it (make train-frcnn, resumable; about 50 min on 2 CPU cores)"
 	$(MAKE) train-frcnn
 
 bench: $(DATA)/.synth.json $(if $(findstring trained,$(BENCH_MODELS)),$(FRCNN_WEIGHTS)) | $(STAMP) ## on a quiet machine: in-process eager + runtimes vs ours (TorchServe, KServe), stock, LitServe (BENCH_MODELS) -> reports/bench
