@@ -40,6 +40,7 @@ import json
 import logging
 import multiprocessing
 import os
+import queue
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -142,7 +143,12 @@ def run_variant(mar: Path, variant: Variant, images: list[bytes], gate: tuple[st
     proc = ctx.Process(target=_variant_worker, args=(str(mar), variant.ort_gpu, images, gate, results))
     proc.start()
     try:
-        return results.get(timeout=1800)
+        while True:
+            try:
+                return results.get(timeout=5)
+            except queue.Empty:
+                if proc.exitcode is not None:  # died without answering (a crash in a provider, say)
+                    return {"error": f"the measurement process exited with {proc.exitcode}"}
     finally:
         proc.join(60)
 
