@@ -335,6 +335,27 @@ def test_gpu_bench_without_cuda_says_where_to_run_it(capsys):
     assert "no CUDA device here. Run make bench DEVICE=cuda on a machine with an NVIDIA GPU" in capsys.readouterr().out
 
 
+@pytest.mark.integration
+def test_gpu_bench_variant_measurement_runs_on_the_cpu_too(tmp_path, parity_data, labelled_valid):
+    """The GPU bench's per-variant measurement (timing, then the gate set's answers and mAP), here on the CPU:
+    the code path a GPU run takes, without the GPU."""
+    import queue
+
+    from serve_demo.bench.gpu import _variant_worker
+    from serve_demo.bench.runner import load_images
+
+    mar = build(archive_args(name="shapes", weights=str(DEMO_WEIGHTS), labels=str(DEMO_LABELS), arch="fcos_tiny",
+                             runtime="eager", export_path=str(tmp_path), build_dir=str(tmp_path / "b")))
+    names = {k: v for k, v in json.loads(DEMO_LABELS.read_text()).items()}
+    results: queue.Queue = queue.Queue()
+    _variant_worker(str(mar), "", load_images(parity_data, "valid", 3), (str(labelled_valid), "valid", names),
+                    results, device="cpu")
+    got = results.get_nowait()
+    assert "error" not in got, got
+    assert got["throughput_rps"] > 0 and got["p50_ms"] > 0
+    assert got["maps"]["bbox"] > 0.5 and len(got["outputs"]) == 44  # the trained demo model, 60 - 16 images
+
+
 # --- archives: the gate accepts, refuses, records --------------------------------------------------
 
 @pytest.fixture(scope="module")

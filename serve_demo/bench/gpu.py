@@ -101,9 +101,8 @@ class VariantResult:
 
 
 def _variant_worker(mar: str, ort_gpu: str, images: list[bytes], gate: tuple[str, str, dict] | None,
-                    results) -> None:
-    """In a fresh process: load on cuda:0, warm up on every image, time them, score the gate set."""
-    import torch
+                    results, device: str = "cuda:0") -> None:
+    """In a fresh process: load on ``device``, warm up on every image, time them, score the gate set."""
 
     from serve_demo.archive import precision
     from serve_demo.core.pipeline import run_detector
@@ -114,7 +113,7 @@ def _variant_worker(mar: str, ort_gpu: str, images: list[bytes], gate: tuple[str
     if ort_gpu:
         os.environ[ORT_GPU_ENV] = ort_gpu
     try:
-        worker = Worker.from_archive(mar, device="cuda:0")
+        worker = Worker.from_archive(mar, device=device)
         for data in images:  # TensorRT: one engine per padded shape, built on first sight
             worker.predict(data, defaults.THRESHOLD, "stock")
         latencies = []
@@ -127,8 +126,7 @@ def _variant_worker(mar: str, ort_gpu: str, images: list[bytes], gate: tuple[str
             root, split, labels = gate
             data = precision.gate_set(root, split, {int(k): v for k, v in labels.items()}, GATE_SKIP, GATE_IMAGES)
             if data is not None:
-                dev = torch.device("cuda:0")
-                outputs = [run_detector(worker.model, [im], dev, worker.cfg.fp16)[0] for im in data.images]
+                outputs = [run_detector(worker.model, [im], worker.device, worker.cfg.fp16)[0] for im in data.images]
                 out["outputs"] = [{k: v.cpu() for k, v in o.items() if k in ("boxes", "scores", "labels")}
                                   for o in outputs]
                 out["maps"] = precision.maps_of(outputs, data)
