@@ -152,7 +152,7 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
         log.info("precision auto: %s", record.summary())
         if record.precision != "fp32":
             low = next(c for c in record.candidates if c.runtime == record.chosen)
-            rt = RuntimeConfig("openvino", precision=low.precision)
+            rt = RuntimeConfig("openvino", precision=low.precision, graph=low.graph)
             shutil.copytree(exports.folders[rt.label], stage / RUNTIME_DIR)
             return rt
     if not chosen:
@@ -240,12 +240,12 @@ def _choose_precision(spec: ArchiveSpec, gate: precision.GateSet | None, lowered
         timed = exports.timed(rt)
         if timed is None:
             record.candidates.append(precision.Scored(rt.label, rt.precision, 0.0, passed=False,
-                                                      note="did not export"))
+                                                      note="did not export", graph=rt.graph))
             progress.tick(len(gate.images))
             continue
         progress.stage(f"{rt.label}: mAP")
         maps, ms = precision.score(timed[2], gate, spec.mask_threshold, progress.tick)
-        scored = precision.Scored(rt.label, rt.precision, round(ms, 2), maps)
+        scored = precision.Scored(rt.label, rt.precision, round(ms, 2), maps, graph=rt.graph)
         precision.judge(record.fp32, scored, spec.gate_tolerance)
         record.candidates.append(scored)
         _annotate(exports.folders[rt.label], record, scored)
@@ -295,7 +295,11 @@ def _record(spec: ArchiveSpec, rt: RuntimeConfig, folder: Path, report: ParityRe
 def _exported(spec: ArchiveSpec, rt: RuntimeConfig, stage: Path, weights: Path, model_file: Path | None,
               cfg: HandlerConfig, labels: dict[int, str], images: list[torch.Tensor], threads: int,
               build_dir: Path) -> Path:
-    """The folder holding ``rt``'s export of this model: reused when the same inputs made it before."""
+    """The folder holding ``rt``'s export of this model: reused when the same inputs made it before.
+
+    A whole graph in a lower precision is judged by mAP (``PRECISION=auto``), so its second-size check only
+    records the difference; such exports are kept apart from the strict ones."""
+    strict = rt.precision == "fp32"
     key = export_key(rt, weights, model_file, cfg, images)
     cache = build_dir.parent / "_exports" / spec.name  # build_dir is emptied at each build; no name starts with _
     folder = cache / f"{rt.label}-{key[:16]}"
@@ -308,7 +312,7 @@ def _exported(spec: ArchiveSpec, rt: RuntimeConfig, stage: Path, weights: Path, 
     shutil.rmtree(tmp, ignore_errors=True)
     model = _load(stage, weights, model_file, cfg, labels)
     if rt.graph == "whole":
-        export_whole(model, sample_images(images), tmp, rt, threads)
+        export_whole(model, sample_images(images), tmp, rt, threads, strict=strict)
     else:
         export_parts(model, sample_images(images), tmp, rt, threads,
                      calibration=[im.float() / 255 for im in images]).write(tmp)

@@ -161,12 +161,13 @@ WHOLE_FILE = "model.onnx"
 
 
 def export_whole(model: nn.Module, images: list[torch.Tensor], folder: Path, runtime: RuntimeConfig,
-                 threads: int = 1) -> RuntimeManifest:
+                 threads: int = 1, strict: bool = True) -> RuntimeManifest:
     """Export the whole ``model([image])`` call (transform, heads, anchors, RoIAlign, NMS, box decoding and
     resizing back) to ``folder/model.onnx`` with the classic exporter, height and width dynamic.
 
     Traced on ``images[0]``; the graph must then answer ``images[1]`` (another size) like eager does,
     by the parity gate's matching rule, else it is refused: a size frozen by the trace shows there.
+    ``strict`` False (a candidate judged by mAP instead, ``PRECISION=auto``) records the difference and keeps it.
 
     Raises:
         ValueError: the export failed, or the graph answers the second image differently (the reason).
@@ -196,7 +197,11 @@ def export_whole(model: nn.Module, images: list[torch.Tensor], folder: Path, run
     got["labels"] = got["labels"].long()
     report = ParityReport()
     compare({k: v.float() if k != "labels" else v for k, v in second.items()}, got, report, "the second sample")
-    if report.unmatched or report.label_mismatches or report.max_box_diff > 0.5 or report.max_score_diff > 1e-3:
+    differs = report.unmatched or report.label_mismatches or report.max_box_diff > 0.5 or report.max_score_diff > 1e-3
+    if differs and not strict:
+        log.info("%s whole graph: a second size answers unlike eager (%s); judged by mAP instead", runtime.label,
+                 report.summary())
+    elif differs:
         raise ValueError(f"the whole graph traced on a {tuple(images[0].shape[1:])} image answers a "
                          f"{tuple(images[1].shape[1:])} one unlike eager ({report.summary()})")
     record = PartRecord("*", WHOLE_FILE, out_spec=keys, dynamic=[[1, 2]], max_abs_diff=report.max_box_diff)
