@@ -215,9 +215,11 @@ def _gate_set(spec: ArchiveSpec, labels: dict[int, str]) -> precision.GateSet | 
         log.warning("precision auto: %s/%s has no annotations for this model's labels, so no mAP can judge "
                     "bf16 or int8: the archive stays fp32 (give PARITY_DATA a labelled COCO split)",
                     spec.parity_data, spec.parity_split)
-    elif len(gate.images) < precision.MIN_GATE_IMAGES:
-        log.warning("precision auto: only %d labelled images in %s/%s; the mAP gate is coarse",
-                    len(gate.images), spec.parity_data, spec.parity_split)
+    elif len(gate.images) < precision.MIN_GATE_IMAGES or not gate.skipped:
+        log.warning("precision auto: only %d labelled images in %s/%s%s; the mAP gate is coarse (a split of %d or "
+                    "more keeps the scored images apart)", len(gate.images), spec.parity_data, spec.parity_split,
+                    ", int8's calibration images among them" if not gate.skipped else "",
+                    skip + precision.MIN_GATE_IMAGES)
     return gate
 
 
