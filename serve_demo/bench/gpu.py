@@ -202,6 +202,9 @@ def bench_model_gpu(model: BenchModel, args: argparse.Namespace) -> dict[str, An
                 report.images += 1
             r.passed, r.parity = report.passed, report.summary()
             r.gate = "parity pass" if report.passed else f"parity refused: {report.summary()}"
+    if not any(r.passed for r in results):
+        raise SystemExit(f"{model.title}: no variant ran on the GPU ({reference.label}: {reference.error}); "
+                         "check the driver with nvidia-smi and torch.cuda.is_available()")
     fastest = max((r for r in results if r.passed), key=lambda r: r.throughput_rps)
     variant = next(v for v in VARIANTS if v.label == fastest.label)
     ts = start_torchserve(work / "home", store, f"{variant.archive}-1.0.mar",
