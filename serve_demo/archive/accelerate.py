@@ -106,7 +106,7 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
     rt_threads = spec.threads or layout.runtime_threads  # what a worker of the default layout will use
     probe = images[:PROBE_IMAGES]
     steps = len(probe) + len(candidates) * (1 + len(probe)) + 2 * (len(images) - len(probe))
-    steps += len(lowered) * (1 + len(probe)) + (len(gate.images) * (1 + len(lowered)) if lowered else 0)
+    steps += len(lowered) + (len(gate.images) * (1 + len(lowered)) if lowered else 0)
     chosen: tuple[RuntimeConfig, Path, ParityReport, torch.nn.Module] | bool | None = None
     record: precision.PrecisionRecord | None = None
     before = torch.get_num_threads()
@@ -185,6 +185,19 @@ class _Exports:
         Raises:
             ArchiveError: a named runtime did not export.
         """
+        got = self.loaded(rt, len(self.probe))
+        if got is None:
+            return None
+        self.progress.stage(f"{rt.label}: timing")
+        return rt, got[0], got[1], answer(got[1], self.probe, tick=self.progress.tick)
+
+    def loaded(self, rt: RuntimeConfig, skipped_ticks: int = 0) -> tuple[Path, torch.nn.Module] | None:
+        """``(export folder, accelerated model)``, loaded as a worker will; None when auto skips what did not
+        export (the bar then skips ``skipped_ticks`` more).
+
+        Raises:
+            ArchiveError: a named runtime did not export.
+        """
         self.progress.stage(f"{rt.label}: export")
         try:
             folder = _exported(self.spec, rt, self.stage, self.weights, self.model_file, self.cfg, self.labels,
@@ -194,14 +207,13 @@ class _Exports:
             if not optional:
                 raise ArchiveError(f"{rt.label}: {exc}") from None
             log.warning("auto: %s skipped: %s", rt.label, exc)
-            self.progress.tick(1 + len(self.probe))
+            self.progress.tick(1 + skipped_ticks)
             return None
         self.folders[rt.label] = folder
         self.progress.tick()
-        self.progress.stage(f"{rt.label}: timing")
         accelerated = _load(self.stage, self.weights, self.model_file, self.cfg, self.labels)
         accelerate(accelerated, folder, rt, self.rt_threads, torch.device("cpu"))
-        return rt, folder, accelerated, answer(accelerated, self.probe, tick=self.progress.tick)
+        return folder, accelerated
 
 
 def _gate_set(spec: ArchiveSpec, labels: dict[int, str]) -> precision.GateSet | None:
@@ -239,14 +251,14 @@ def _choose_precision(spec: ArchiveSpec, gate: precision.GateSet | None, lowered
     maps, ms = precision.score(fp32_model, gate, spec.mask_threshold, progress.tick)
     record.fp32 = precision.Scored(fp32_rt.label, "fp32", round(ms, 2), maps)
     for rt in lowered:
-        timed = exports.timed(rt)
-        if timed is None:
+        got = exports.loaded(rt)  # timed by the scoring run itself
+        if got is None:
             record.candidates.append(precision.Scored(rt.label, rt.precision, 0.0, passed=False,
                                                       note="did not export", graph=rt.graph))
             progress.tick(len(gate.images))
             continue
         progress.stage(f"{rt.label}: mAP")
-        maps, ms = precision.score(timed[2], gate, spec.mask_threshold, progress.tick)
+        maps, ms = precision.score(got[1], gate, spec.mask_threshold, progress.tick)
         scored = precision.Scored(rt.label, rt.precision, round(ms, 2), maps, graph=rt.graph)
         precision.judge(record.fp32, scored, spec.gate_tolerance)
         record.candidates.append(scored)

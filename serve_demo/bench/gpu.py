@@ -41,7 +41,6 @@ import logging
 import multiprocessing
 import os
 import queue
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,9 +57,9 @@ from .runner import (
     measure_server,
     multipart_sender,
     ours_archive,
-    random_weights,
     start_torchserve,
     stats,
+    workspace,
 )
 
 log = logging.getLogger(__name__)
@@ -158,13 +157,8 @@ def bench_model_gpu(model: BenchModel, args: argparse.Namespace) -> dict[str, An
     from serve_demo.archive import parity
     from serve_demo.core.loader import read_label_map
 
-    out, work = Path(args.out) / model.key, Path(args.work).resolve() / f"{model.key}-gpu"
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
-    store, build = work / "store", work / "build"
-    store.mkdir(parents=True)
-    labels = Path(model.labels)
-    weights = Path(model.weights) if model.weights else random_weights(model, labels, work)
+    ws = workspace(model, args, "-gpu")
+    out, work, store, build, labels, weights = ws.out, ws.work, ws.store, ws.build, ws.labels, ws.weights
     images = load_images(Path(args.dataset), args.split, args.images or model.images * 2)
     mars = {"eager": ours_archive(weights, labels, model.arch, store, build, "eager", "eager",
                                   Path(args.dataset), args.parity_split)[0],
@@ -196,10 +190,7 @@ def bench_model_gpu(model: BenchModel, args: argparse.Namespace) -> dict[str, An
             r.passed = drop <= defaults.GATE_TOLERANCE
             r.gate = f"{'pass' if r.passed else 'refused'} ({-drop:+.4f} mAP; tolerance {defaults.GATE_TOLERANCE})"
         elif ref_out and raw[r.label].get("outputs"):
-            report = parity.ParityReport()
-            for n, (a, b) in enumerate(zip(ref_out, raw[r.label]["outputs"])):
-                parity.compare(a, b, report, f"image {n}")
-                report.images += 1
+            report = parity.compare_answers(parity.Answers(ref_out), parity.Answers(raw[r.label]["outputs"]))
             r.passed, r.parity = report.passed, report.summary()
             r.gate = "parity pass" if report.passed else f"parity refused: {report.summary()}"
     if not any(r.passed for r in results):

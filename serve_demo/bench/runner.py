@@ -457,20 +457,42 @@ def busy(cores: int) -> tuple[bool, tuple[float, float, float]]:
     return loads[0] > max(0.5, cores / 4), tuple(round(x, 2) for x in loads)
 
 
-def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) -> dict[str, Any]:
-    """Every measurement of one model; its result (also written to ``--out/<key>``)."""
-    from serve_demo.core.layout import cpu_layout
+@dataclass(frozen=True)
+class Workspace:
+    """One model's folders for a run (emptied first) and the weights it measures."""
 
-    out, work = Path(args.out) / model.key, Path(args.work).resolve() / model.key
+    out: Path  # reports
+    work: Path
+    store: Path
+    build: Path
+    labels: Path
+    weights: Path
+
+
+def workspace(model: BenchModel, args: argparse.Namespace, suffix: str = "") -> Workspace:
+    """``--out/<key>`` and an empty ``--work/<key><suffix>``; seeded random weights where the model has none.
+
+    Raises:
+        SystemExit: the model's trained weights are missing (with the target that builds them).
+    """
+    out, work = Path(args.out) / model.key, Path(args.work).resolve() / f"{model.key}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)
-    store, build = work / "store", work / "build"
-    store.mkdir(parents=True)
+    (work / "store").mkdir(parents=True)
     labels = Path(model.labels)
     weights = Path(model.weights) if model.weights else random_weights(model, labels, work)
     if not weights.is_file():
         raise SystemExit(f"{weights} is missing: build it with `{model.built_by or 'make train'}` (resumable), "
                          f"or leave {model.key} out of BENCH_MODELS")
+    return Workspace(out, work, work / "store", work / "build", labels, weights)
+
+
+def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) -> dict[str, Any]:
+    """Every measurement of one model; its result (also written to ``--out/<key>``)."""
+    from serve_demo.core.layout import cpu_layout
+
+    ws = workspace(model, args)
+    out, work, store, build, labels, weights = ws.out, ws.work, ws.store, ws.build, ws.labels, ws.weights
     n = args.images or model.images
     images = load_images(Path(args.dataset), args.split, n)
     n_lat, n_load = n, n * 2
