@@ -33,7 +33,7 @@ BATCH_SIZE ?= 1
 # this machine's PARITY_DATA/PARITY_SPLIT images (eager when none is faster; PARITY_IMAGES, default 8, more for a
 # stricter gate); eager | onnxruntime | openvino. GRAPH=whole: the whole model in the runtime, not only its
 # dense parts (refused when it does not answer a second image size like eager). PRECISION=auto: the fastest of
-# that fp32 runtime, OpenVINO bf16 (dense parts or whole graph) and int8 whose COCO mAP on GATE_IMAGES labelled PARITY_SPLIT
+# that fp32 runtime, OpenVINO bf16 and int8 (dense parts or whole graph) whose COCO mAP on GATE_IMAGES labelled PARITY_SPLIT
 # images is within GATE_TOLERANCE of fp32's; the archive's precision.json keeps every candidate's figures
 PARITY_SPLIT ?= valid
 GATE_IMAGES ?=

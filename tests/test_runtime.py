@@ -5,6 +5,8 @@ TorchServe serving eager and accelerated archives of the committed models side b
 from __future__ import annotations
 
 import json
+import threading
+import time
 import zipfile
 
 import pytest
@@ -27,6 +29,7 @@ from serve_demo.core.runtime import (
     ThreadChoice,
     accelerate,
     flatten,
+    openvino_float_precision,
     thread_choice,
     unflatten,
 )
@@ -60,6 +63,10 @@ def test_runtime_config_names_bad_values():
     assert RuntimeConfig.from_yaml(None) == RuntimeConfig("eager", "fp32")
     assert RuntimeConfig.from_yaml("openvino").accelerated
     assert RuntimeConfig.from_yaml({"name": "openvino", "precision": "int8"}).label == "openvino-int8"
+    whole_int8 = RuntimeConfig.from_yaml({"name": "openvino", "precision": "int8", "graph": "whole"})
+    assert whole_int8.label == "openvino-whole-int8" and openvino_float_precision(whole_int8) == "bf16"
+    assert openvino_float_precision(RuntimeConfig("openvino", "int8")) == "f32"  # NNCF's parts keep f32 between
+    assert openvino_float_precision(RuntimeConfig("openvino", "bf16", graph="whole")) == "bf16"
     with pytest.raises(ValueError, match="must be one of .*'tensorflow'"):
         RuntimeConfig.from_yaml({"name": "tensorflow"})
     with pytest.raises(ValueError, match="precision int8 needs the openvino runtime"):
@@ -425,6 +432,48 @@ def test_whole_graph_traced_at_one_size_is_refused_when_it_answers_another_diffe
     assert not list(tmp_path.glob("*.mar"))
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("levels", [[0, 1, 0, 2, 1, 1], [1, 1, 1], [2, 0], []])
+def test_roi_levels_merged_by_gather_equal_torchvisions_scatter(levels):
+    """The whole graph's RoIAlign merge (one gather) is torchvision's traced one (zeros + a scatter per level),
+    exactly, empty levels and no boxes included."""
+    from torchvision.ops.poolers import _onnx_merge_levels
+
+    from serve_demo.archive.export import merge_levels_by_gather
+
+    level = torch.tensor(levels, dtype=torch.int64)
+    g = torch.Generator().manual_seed(0)
+    unmerged = [torch.randn(int((level == k).sum()), 4, 3, 3, generator=g) for k in range(3)]
+    assert torch.equal(merge_levels_by_gather(level, unmerged), _onnx_merge_levels(level, unmerged))
+
+
+@pytest.mark.integration
+def test_whole_graph_int8_quantizes_the_dense_layers_and_answers(tmp_path):
+    """GRAPH=whole in int8: the exported graph's Conv layers are quantized (QDQ) on the calibration images,
+    the fp32 graph is not kept, and the int8 graph still finds what eager finds (judged by mAP at archive time;
+    here: the same objects, boxes within a few pixels)."""
+    import onnx
+
+    from serve_demo.archive.export import WHOLE_INT8_FILE, export_whole
+
+    model = build_model("fcos_tiny", 6).eval()
+    model.load_state_dict(torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True))
+    images = [torch.from_numpy(__import__("numpy").array(synth_image(s, (320, 240)))).permute(2, 0, 1).contiguous()
+              for s in range(6)]
+    floats = [im.float() / 255 for im in images]
+    rt = RuntimeConfig("openvino", "int8", graph="whole")
+    manifest = export_whole(model, floats[:2], tmp_path, rt, strict=False, calibration=floats[2:])
+    assert manifest.exported[0].file == WHOLE_INT8_FILE and sorted(p.name for p in tmp_path.iterdir()) == [
+        "model-int8.onnx", "runtime.json"]
+    ops = {n.op_type for n in onnx.load(str(tmp_path / WHOLE_INT8_FILE)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    fast = build_model("fcos_tiny", 6).eval()
+    fast.load_state_dict(model.state_dict())
+    accelerate(fast, tmp_path, rt, 1, torch.device("cpu"))
+    report = parity.check_parity(model, fast, images[:2], warmup=0)
+    assert report.detections > 0 and report.max_box_diff < 8, report.summary()
+
+
 @pytest.mark.integration
 def test_a_whole_graph_runtime_stands_in_for_the_model_call(tmp_path):
     """The worker's side of GRAPH=whole: ``model(images)`` answered by one graph per image, parity at the
@@ -516,7 +565,7 @@ def test_archive_records_runtime_parts_and_parity(runtime_store):
 
 @pytest.mark.integration
 def test_precision_auto_archives_the_fastest_within_the_tolerance(runtime_store):
-    """PRECISION=auto: fp32 and OpenVINO bf16 (dense parts and whole graph) / int8 scored on the 44 labelled
+    """PRECISION=auto: fp32 and OpenVINO bf16 / int8 (dense parts and whole graph) scored on the 44 labelled
     images after the calibration ones; the archive names the fastest within the tolerance and keeps every
     candidate's figures."""
     with zipfile.ZipFile(runtime_store / "shapes_auto-1.0.mar") as z:
@@ -526,7 +575,8 @@ def test_precision_auto_archives_the_fastest_within_the_tolerance(runtime_store)
     fp32, candidates = record["fp32"], record["candidates"]
     assert record["images"] == 44 and record["split"] == "valid" and record["tolerance"] == GATE_TOLERANCE
     assert fp32["maps"]["bbox"] > 0.5 and fp32["precision"] == "fp32"  # the trained demo model
-    assert [c["runtime"] for c in candidates] == ["openvino-bf16", "openvino-whole-bf16", "openvino-int8"]
+    assert [c["runtime"] for c in candidates] == ["openvino-bf16", "openvino-whole-bf16", "openvino-int8",
+                                                  "openvino-whole-int8"]
     for c in candidates:
         assert c["passed"] == (fp32["maps"]["bbox"] - c["maps"]["bbox"] <= GATE_TOLERANCE), c
     best = min([fp32, *(c for c in candidates if c["passed"])], key=lambda c: c["median_ms"])
@@ -653,3 +703,25 @@ def test_access_log_is_off_by_default(server):
     data = encode(synth_image(4))
     assert post(server, "shapes", data).status_code == 200
     assert (server.home / "logs" / "access_log.log").read_text() == ""
+
+
+@pytest.mark.unit
+def test_bench_warm_up_sends_for_the_time_given_from_every_thread():
+    """make bench warms each server up for --warmup-seconds before measuring it: every client thread sends,
+    and the count it returns is what was sent."""
+    from serve_demo.bench.runner import warm_up
+
+    seen: list[bytes] = []
+    lock = threading.Lock()
+
+    def send(_session, data: bytes) -> bool:
+        time.sleep(0.01)
+        with lock:
+            seen.append(data)
+        return True
+
+    t0 = time.monotonic()
+    sent = warm_up(send, [b"a", b"b", b"c", b"d"], 0.2, concurrency=4)
+    assert time.monotonic() - t0 >= 0.2 and sent == len(seen) >= 8
+    assert set(seen) == {b"a", b"b", b"c", b"d"}  # thread k starts at image k
+    assert warm_up(send, [b"a"], 0.0, concurrency=2) == 2  # no time: one request per thread

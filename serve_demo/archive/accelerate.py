@@ -87,8 +87,9 @@ def choose(spec: ArchiveSpec, stage: Path, weights: Path, model_file: Path | Non
     else:
         if not installed(spec.runtime):
             raise ArchiveError(f"runtime {spec.runtime} is not installed here: pip install {spec.runtime}")
-        if spec.precision == "int8" and not installed("nncf"):
-            raise ArchiveError("precision int8 needs NNCF: pip install nncf")
+        if spec.precision == "int8" and (spec.graph or "parts") == "parts" and not installed("nncf"):
+            raise ArchiveError("precision int8 of the dense parts needs NNCF: pip install nncf (GRAPH=whole "
+                               "quantizes with ONNX Runtime's quantizer instead)")
         try:
             candidates = [RuntimeConfig.from_yaml({"name": spec.runtime, "precision": fp32_precision,
                                                    "graph": spec.graph or "parts"})]
@@ -326,7 +327,8 @@ def _exported(spec: ArchiveSpec, rt: RuntimeConfig, stage: Path, weights: Path, 
     shutil.rmtree(tmp, ignore_errors=True)
     model = _load(stage, weights, model_file, cfg, labels)
     if rt.graph == "whole":
-        export_whole(model, sample_images(images), tmp, rt, threads, strict=strict)
+        export_whole(model, sample_images(images), tmp, rt, threads, strict=strict,
+                     calibration=[im.float() / 255 for im in images])
     else:
         export_parts(model, sample_images(images), tmp, rt, threads,
                      calibration=[im.float() / 255 for im in images]).write(tmp)

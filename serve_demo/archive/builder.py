@@ -69,9 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="eager (torch), onnxruntime, openvino, or auto: the fastest that passes parity on "
                          f"this machine when --parity-data is given, else eager (default {_D.runtime})")
     rt.add_argument("--precision", default=_D.precision, choices=(*PRECISIONS, "auto"),
-                    help="openvino only: bf16 or int8 (NNCF post-training quantization on the parity images) "
-                         "are not bit-close, so they skip pixel parity and must pass make promote's mAP gate; "
-                         "auto: the fastest of the fp32 runtime, OpenVINO bf16 and int8 whose COCO mAP on "
+                    help="openvino only: bf16 or int8 (post-training quantization on the parity images: NNCF for "
+                         "the dense parts, ONNX Runtime's quantizer for --graph whole) are not bit-close, so they "
+                         "skip pixel parity and must pass make promote's mAP gate; auto: the fastest of the fp32 "
+                         "runtime and OpenVINO bf16 and int8 (dense parts and whole graph) whose COCO mAP on "
                          "--gate-images labelled --parity-split images is within --gate-tolerance of fp32's "
                          f"(fp32 when the split has no labels; default {_D.precision})")
     rt.add_argument("--gate-tolerance", type=float, default=_D.gate_tolerance,

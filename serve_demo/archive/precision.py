@@ -1,4 +1,4 @@
-"""``PRECISION=auto``: the fp32 runtime, OpenVINO bf16 (dense parts, whole graph) and int8 scored for speed and mAP.
+"""``PRECISION=auto``: the fp32 runtime, OpenVINO bf16 and int8 (dense parts, whole graph) scored for speed and mAP.
 
 Parity (:mod:`.parity`) proves an fp32 runtime answers like eager; lower precisions never do, so
 they are judged by what a user loses: mAP on the labelled validation images. The fastest candidate
@@ -160,11 +160,14 @@ def _maps(s: Scored) -> str:
 
 
 def low_precision_candidates(installed: Callable[[str], bool]) -> list[RuntimeConfig]:
-    """OpenVINO bf16 (the dense parts, and the whole graph: no torch between the layers), and int8 of the dense
-    parts when NNCF is installed (none without OpenVINO)."""
+    """OpenVINO bf16 (the dense parts, and the whole graph: no torch between the layers), int8 of the dense
+    parts when NNCF is installed, and int8 of the whole graph (ONNX Runtime's quantizer; its float layers in
+    bf16). None without OpenVINO."""
     if not installed("openvino"):
         return []
     out = [RuntimeConfig("openvino", precision="bf16"), RuntimeConfig("openvino", precision="bf16", graph="whole")]
     if installed("nncf"):
         out.append(RuntimeConfig("openvino", precision="int8"))
+    if installed("onnxruntime"):
+        out.append(RuntimeConfig("openvino", precision="int8", graph="whole"))
     return out

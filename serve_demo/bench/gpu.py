@@ -202,7 +202,7 @@ def bench_model_gpu(model: BenchModel, args: argparse.Namespace) -> dict[str, An
                           environment={ORT_GPU_ENV: variant.ort_gpu} if variant.ort_gpu else None)
     try:
         send = multipart_sender(f"{ts.inference_url}/predictions/{variant.archive}", ts.auth("inference"))
-        served = measure_server(send, images, len(images), len(images) * 2)
+        served = measure_server(send, images, len(images), len(images) * 2, args.warmup_seconds)
     finally:
         ts.stop()
     for v in served.values():
