@@ -725,3 +725,25 @@ def test_bench_warm_up_sends_for_the_time_given_from_every_thread():
     assert time.monotonic() - t0 >= 0.2 and sent == len(seen) >= 8
     assert set(seen) == {b"a", b"b", b"c", b"d"}  # thread k starts at image k
     assert warm_up(send, [b"a"], 0.0, concurrency=2) == 2  # no time: one request per thread
+
+
+@pytest.mark.unit
+def test_bench_load_phase_runs_for_its_images_and_its_shortest_time():
+    """A load phase sends at least its number of requests and lasts at least --phase-seconds; the figures
+    count what was answered."""
+    from serve_demo.bench.runner import load
+
+    calls = []
+
+    def send(_session, data: bytes) -> bool:
+        time.sleep(0.005)
+        calls.append(data)
+        return data != b"bad"
+
+    quick = load(send, [b"a", b"bad"], 2, 6)  # no shortest time: the images decide
+    assert quick["requests"] == 6 == len(calls) and quick["errors"] == 3
+    calls.clear()
+    t0 = time.monotonic()
+    timed = load(send, [b"a"], 2, 2, min_seconds=0.2)
+    assert time.monotonic() - t0 >= 0.2 and timed["requests"] == len(calls) > 2
+    assert timed["throughput_rps"] > 0 and len(timed["latencies"]) == timed["requests"]

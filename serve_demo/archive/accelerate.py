@@ -192,9 +192,11 @@ class _Exports:
         self.progress.stage(f"{rt.label}: timing")
         return rt, got[0], got[1], answer(got[1], self.probe, tick=self.progress.tick)
 
-    def loaded(self, rt: RuntimeConfig, skipped_ticks: int = 0) -> tuple[Path, torch.nn.Module] | None:
-        """``(export folder, accelerated model)``, loaded as a worker will; None when auto skips what did not
-        export (the bar then skips ``skipped_ticks`` more).
+    def loaded(self, rt: RuntimeConfig, skipped_ticks: int = 0,
+               threads: int | None = None) -> tuple[Path, torch.nn.Module] | None:
+        """``(export folder, accelerated model)``, loaded as a worker will (its runtime sessions with ``threads``,
+        default the default layout's runtime threads); None when auto skips what did not export (the bar then
+        skips ``skipped_ticks`` more).
 
         Raises:
             ArchiveError: a named runtime did not export.
@@ -212,9 +214,13 @@ class _Exports:
             return None
         self.folders[rt.label] = folder
         self.progress.tick()
+        return folder, self.load(rt, folder, threads or self.rt_threads)
+
+    def load(self, rt: RuntimeConfig, folder: Path, threads: int) -> torch.nn.Module:
+        """The model with ``folder``'s export of ``rt`` in place, its sessions with ``threads`` threads."""
         accelerated = _load(self.stage, self.weights, self.model_file, self.cfg, self.labels)
-        accelerate(accelerated, folder, rt, self.rt_threads, torch.device("cpu"))
-        return folder, accelerated
+        accelerate(accelerated, folder, rt, threads, torch.device("cpu"))
+        return accelerated
 
 
 def _gate_set(spec: ArchiveSpec, labels: dict[int, str]) -> precision.GateSet | None:
@@ -239,9 +245,15 @@ def _gate_set(spec: ArchiveSpec, labels: dict[int, str]) -> precision.GateSet | 
 def _choose_precision(spec: ArchiveSpec, gate: precision.GateSet | None, lowered: list[RuntimeConfig],
                       fp32: tuple[RuntimeConfig, Path, ParityReport, torch.nn.Module] | None,
                       eager: torch.nn.Module, exports: _Exports, progress: Progress) -> precision.PrecisionRecord:
-    """Time the low-precision candidates; score the fp32 choice and those faster than it on the gate set; the
-    fastest within ``spec.gate_tolerance`` of fp32's mAP."""
-    fp32_rt, fp32_model = (fp32[0], fp32[3]) if fp32 else (RuntimeConfig(), eager)
+    """Score the fp32 choice and the low-precision candidates on the gate set; the fastest within
+    ``spec.gate_tolerance`` of fp32's mAP.
+
+    Each is timed as a worker under load runs it: its runtime on the worker's own threads (1 per worker on
+    CPUs), not the wider sessions a lone worker borrows its idle neighbours' cores for. The whole graph in
+    bf16 and in int8 swapped places between those two (MobileNet FPN: 17.1 / 17.5 ms at 2 threads, 21.8 / 19.1
+    at 1), and throughput is what the precision is chosen for."""
+    fp32_rt, fp32_model = (fp32[0], exports.load(fp32[0], fp32[1], exports.threads)) if fp32 else (
+        RuntimeConfig(), eager)
     record = precision.PrecisionRecord(fp32_rt.label, "fp32", spec.gate_tolerance)
     if gate is None or not lowered:
         record.reason = ("no labelled validation images" if gate is None else
@@ -252,7 +264,7 @@ def _choose_precision(spec: ArchiveSpec, gate: precision.GateSet | None, lowered
     maps, ms = precision.score(fp32_model, gate, spec.mask_threshold, progress.tick)
     record.fp32 = precision.Scored(fp32_rt.label, "fp32", round(ms, 2), maps)
     for rt in lowered:
-        got = exports.loaded(rt)  # timed by the scoring run itself
+        got = exports.loaded(rt, threads=exports.threads)  # timed by the scoring run itself
         if got is None:
             record.candidates.append(precision.Scored(rt.label, rt.precision, 0.0, passed=False,
                                                       note="did not export", graph=rt.graph))

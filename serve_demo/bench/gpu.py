@@ -52,6 +52,7 @@ from serve_demo.core.runtime import ORT_GPU_ENV
 from .runner import (
     MODELS,
     BenchModel,
+    Timing,
     best,
     load_images,
     measure_server,
@@ -202,7 +203,8 @@ def bench_model_gpu(model: BenchModel, args: argparse.Namespace) -> dict[str, An
                           environment={ORT_GPU_ENV: variant.ort_gpu} if variant.ort_gpu else None)
     try:
         send = multipart_sender(f"{ts.inference_url}/predictions/{variant.archive}", ts.auth("inference"))
-        served = measure_server(send, images, len(images), len(images) * 2, args.warmup_seconds)
+        served = measure_server(send, images, len(images), len(images) * 2,
+                                Timing(args.warmup_seconds, args.phase_seconds))
     finally:
         ts.stop()
     for v in served.values():

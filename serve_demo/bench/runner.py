@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 CONCURRENCY = (2, 4, 8)
 WARMUP_SECONDS = 15.0  # each server, before it is measured (warm_up)
+PHASE_SECONDS = 5.0  # each measurement phase runs at least this long (and at least its number of images)
 
 
 @dataclass(frozen=True)
@@ -111,12 +113,23 @@ def stats(latencies: list[float]) -> dict[str, float]:
             "p99_ms": round(float(np.percentile(a, 99)), 1), "mean_ms": round(float(a.mean()), 1)}
 
 
+@dataclass(frozen=True)
+class Timing:
+    """How long each measurement runs: the servers' warm-up, and the shortest phase (a phase of a few hundred
+    milliseconds measures the client threads' start and finish more than the server)."""
+
+    warmup_s: float = WARMUP_SECONDS
+    phase_s: float = PHASE_SECONDS
+
+
 def load(send: Callable[[requests.Session, bytes], bool], images: list[bytes], concurrency: int,
-         total: int) -> dict[str, Any]:
-    """``total`` requests from ``concurrency`` threads; throughput, latency, errors."""
+         total: int, min_seconds: float = 0.0) -> dict[str, Any]:
+    """At least ``total`` requests from ``concurrency`` threads, and for at least ``min_seconds``; throughput,
+    latency, errors."""
     lock, counter = threading.Lock(), [0]
     latencies: list[float] = []
     errors = [0]
+    deadline = time.monotonic() + min_seconds
 
     def worker() -> None:
         with requests.Session() as s:
@@ -124,7 +137,7 @@ def load(send: Callable[[requests.Session, bytes], bool], images: list[bytes], c
                 with lock:
                     i = counter[0]
                     counter[0] += 1
-                if i >= total:
+                if i >= total and time.monotonic() >= deadline:
                     return
                 t0 = time.perf_counter()
                 ok = send(s, images[i % len(images)])
@@ -138,8 +151,8 @@ def load(send: Callable[[requests.Session, bytes], bool], images: list[bytes], c
         for f in [pool.submit(worker) for _ in range(concurrency)]:
             f.result()
     elapsed = time.perf_counter() - t0
-    return {"concurrency": concurrency, "requests": total, "errors": errors[0],
-            "throughput_rps": round(total / elapsed, 2), **stats(latencies), "latencies": latencies}
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors[0],
+            "throughput_rps": round(len(latencies) / elapsed, 2), **stats(latencies), "latencies": latencies}
 
 
 def warm_up(send: Callable[[requests.Session, bytes], bool], images: list[bytes], seconds: float,
@@ -170,13 +183,14 @@ def warm_up(send: Callable[[requests.Session, bytes], bool], images: list[bytes]
 
 
 def measure_server(send, images: list[bytes], n_latency: int, n_load: int,
-                   warmup_s: float = WARMUP_SECONDS) -> dict[str, Any]:
-    """Warm up (:func:`warm_up`), then c=1 latency and throughput at each concurrency."""
-    warmed = warm_up(send, images, warmup_s)
-    log.debug("warmed up with %d requests in %.0f s", warmed, warmup_s)
-    result = {"c1": load(send, images, 1, n_latency)}
+                   timing: Timing = Timing()) -> dict[str, Any]:
+    """Warm up (:func:`warm_up`), then c=1 latency and throughput at each concurrency, each phase at least
+    ``timing.phase_s``."""
+    warmed = warm_up(send, images, timing.warmup_s)
+    log.debug("warmed up with %d requests in %.0f s", warmed, timing.warmup_s)
+    result = {"c1": load(send, images, 1, n_latency, timing.phase_s)}
     for c in CONCURRENCY:
-        result[f"c{c}"] = load(send, images, c, n_load)
+        result[f"c{c}"] = load(send, images, c, n_load, timing.phase_s)
     return result
 
 
@@ -189,8 +203,9 @@ def multipart_sender(url: str, headers: dict[str, str]) -> Callable[[requests.Se
 
 
 def _inprocess_worker(mar: str, threads: int, runtime_threads: int | None, images: list[bytes], warm: list[bytes],
-                      barrier, results) -> None:
-    """One in-process measurement process: load, warm up, wait for the others, run its share."""
+                      barrier, results, min_seconds: float = 0.0) -> None:
+    """One in-process measurement process: load, warm up, wait for the others, run its share (again, until
+    ``min_seconds`` have passed)."""
     import torch
 
     from serve_demo.core.schema import dumps
@@ -203,23 +218,26 @@ def _inprocess_worker(mar: str, threads: int, runtime_threads: int | None, image
         model.predict(data, defaults.THRESHOLD, "stock")
     barrier.wait()
     latencies, start = [], time.time()
-    for data in images:
-        t = time.perf_counter()
-        dumps(model.predict(data, defaults.THRESHOLD, "stock"))
-        latencies.append(time.perf_counter() - t)
+    while not latencies or time.time() - start < min_seconds:
+        for data in images:
+            t = time.perf_counter()
+            dumps(model.predict(data, defaults.THRESHOLD, "stock"))
+            latencies.append(time.perf_counter() - t)
     results.put((start, time.time(), latencies))
 
 
 def bench_inprocess(mar: Path, images: list[bytes], processes: int, threads: int, total: int,
-                    runtime_threads: int | None = None) -> dict[str, Any]:
+                    runtime_threads: int | None = None, min_seconds: float = 0.0) -> dict[str, Any]:
     """``processes`` copies of the archive's model, each with ``threads`` threads (``runtime_threads``
     for an accelerated runtime, default the same), sharing ``total`` images back to back (decode +
-    model + JSON, no server): throughput and per-image latency."""
+    model + JSON, no server), each going round its share again until ``min_seconds`` have passed:
+    throughput and per-image latency."""
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
     share = [[images[i % len(images)] for i in range(k, total, processes)] for k in range(processes)]
     procs = [ctx.Process(target=_inprocess_worker,
-                         args=(str(mar), threads, runtime_threads, share[k], images[:3], barrier, results))
+                         args=(str(mar), threads, runtime_threads, share[k], images[:3], barrier, results,
+                               min_seconds))
              for k in range(processes)]
     for p in procs:
         p.start()
@@ -372,21 +390,21 @@ def litserve_server(mar: Path, workers: int, threads: int, port: int):
 
 
 def bench_litserve(mar: Path, workers: int, threads: int, port: int, images: list[bytes], n_lat: int,
-                   n_load: int, warmup_s: float) -> dict[str, Any]:
+                   n_load: int, timing: Timing) -> dict[str, Any]:
     """The same model served by LitServe with this layout."""
     with litserve_server(mar, workers, threads, port):
         return measure_server(multipart_sender(f"http://127.0.0.1:{port}/predict", {}), images, n_lat, n_load,
-                              warmup_s)
+                              timing)
 
 
 def bench_kserve(store: Path, home: Path, name: str, images: list[bytes], n_lat: int, n_load: int,
-                 warmup_s: float) -> dict[str, Any]:
+                 timing: Timing) -> dict[str, Any]:
     """The same archive on KServe's ModelServer (TorchServe's /predictions route, multipart)."""
     from serve_demo.serve.kserve_local import KServeServer
 
     with KServeServer.on_free_ports(home, store, [f"{name}-1.0.mar"]).running(180) as ks:
         send = multipart_sender(f"{ks.url}/predictions/{name}", ks.auth("inference"))  # keys on, as make serve
-        return measure_server(send, images, n_lat, n_load, warmup_s)
+        return measure_server(send, images, n_lat, n_load, timing)
 
 
 
@@ -446,7 +464,8 @@ def write_outputs(out: Path, result: dict) -> None:
 
     lines = [f"# Benchmark: {result['model']}", "",
              f"{result['machine']}; load average before the run {result['load_before']}; {result['images']} images "
-             f"({result['dataset']}); {result['date']}. Command: `{result['command']}`.", "",
+             f"({result['dataset']}); {result['date']}. Command: `{result['command']}`. Each server warmed up for "
+             f"{result['timing']['warmup_s']:g} s; each measurement at least {result['timing']['phase_s']:g} s.", "",
              "## In-process (no server): decode + model + JSON, back to back", "",
              "| runtime | layout | images/s | p50 / p95 / p99 (ms) |", "|---|---|---|---|"]
     for r in inproc:
@@ -528,6 +547,7 @@ def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) 
     n = args.images or model.images
     images = load_images(Path(args.dataset), args.split, n)
     n_lat, n_load = n, n * 2
+    timing = Timing(args.warmup_seconds, args.phase_seconds)
     shipped = cpu_layout(cores)
     layouts = sorted({(1, cores, None), (cores, 1, None), (shipped.workers, shipped.threads, None)})
 
@@ -563,7 +583,7 @@ def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) 
         extra = [(shipped.workers, shipped.threads, shipped.runtime_threads)] if (
             rt != "eager" and shipped.runtime_threads != shipped.threads) else []
         for p, t, r in layouts + extra:  # the last: what a served worker of the default layout runs
-            row = bench_inprocess(mar, images, p, t, n_load if p > 1 else n_lat, r)
+            row = bench_inprocess(mar, images, p, t, n_load if p > 1 else n_lat, r, timing.phase_s)
             inproc.append({"runtime": rt, **row})
             log.info("in-process %s %s: %.1f images/s, p50 %.1f ms", rt, row["layout"], row["throughput_rps"],
                      row["p50_ms"])
@@ -577,7 +597,7 @@ def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) 
         send = multipart_sender(f"{ts.inference_url}/predictions/shipped", ts.auth("inference"))
         label = (f"ours, shipped defaults ({shipped_runtime}, {len(ws)} workers x {shipped.threads} threads"
                  + (f", runtime {shipped.runtime_threads}" if shipped_runtime != "eager" else "") + ")")
-        rows.append(server_row(label, "ours", measure_server(send, images, n_lat, n_load, args.warmup_seconds)))
+        rows.append(server_row(label, "ours", measure_server(send, images, n_lat, n_load, timing)))
     finally:
         ts.stop()
     if auto_mar:
@@ -586,7 +606,7 @@ def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) 
             send = multipart_sender(f"{ts.inference_url}/predictions/auto", ts.auth("inference"))
             rows.append(server_row(f"ours, PRECISION=auto ({auto_runtime}, {len(ws)} workers x {shipped.threads} "
                                    f"threads, runtime {shipped.runtime_threads})", "ours-auto",
-                                   measure_server(send, images, n_lat, n_load, args.warmup_seconds)))
+                                   measure_server(send, images, n_lat, n_load, timing)))
         finally:
             ts.stop()
     steps.update(1)
@@ -612,7 +632,7 @@ def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) 
         try:
             send = multipart_sender(f"{ts.inference_url}/predictions/stock_w{w}", ts.auth("inference"))
             rows.append(server_row(f"stock object_detector, eager, {w} worker{'s' if w > 1 else ''}", "stock",
-                                   measure_server(send, images, n_lat, n_load, args.warmup_seconds)))
+                                   measure_server(send, images, n_lat, n_load, timing)))
         finally:
             ts.stop()
         steps.update(1)
@@ -620,13 +640,13 @@ def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) 
     for w, t in sorted({(1, cores), (cores, 1)}):
         rows.append(server_row(f"litserve, eager, {w} worker{'s' if w > 1 else ''} x {t} threads", "litserve",
                                bench_litserve(eager_mar, w, t, int(args.litserve_port) + w, images, n_lat,
-                                              n_load, args.warmup_seconds)))
+                                              n_load, timing)))
         steps.update(1)
 
     if args.kserve:
         rows.append(server_row(f"kserve ModelServer ({shipped_runtime}, one process)", "kserve",
                                bench_kserve(store, work / "kserve", "shipped", images, n_lat, n_load,
-                                            args.warmup_seconds)))
+                                            timing)))
 
     best_eager = max((r for r in inproc if r["runtime"] == "eager"), key=lambda r: r["throughput_rps"])
     best_runtime = max(inproc, key=lambda r: r["throughput_rps"])
@@ -636,6 +656,7 @@ def bench_model(model: BenchModel, args: argparse.Namespace, cores: int, steps) 
     lit = max((r for r in rows if r["kind"] == "litserve"), key=best)
     result: dict[str, Any] = {
         "model": model.title, "machine": args.machine, "load_before": args.load_before, "images": n,
+        "timing": dataclasses.asdict(timing),
         "dataset": f"{args.dataset} {args.split}", "date": time.strftime("%Y-%m-%d %H:%M"), "command": args.command,
         "inprocess": inproc, "rows": rows, "frontend": frontend, "shipped_runtime": shipped_runtime,
         "precision_auto": record, "accuracy": accuracy,
@@ -744,6 +765,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="reports/bench")
     p.add_argument("--work", default="build/bench", help="archives and server homes")
     p.add_argument("--litserve-port", default="18600")
+    p.add_argument("--phase-seconds", type=float, default=PHASE_SECONDS,
+                   help="each measurement (a concurrency, an in-process layout) runs at least this long, and at least "
+                        f"its number of images (default {PHASE_SECONDS:g})")
     p.add_argument("--warmup-seconds", type=float, default=WARMUP_SECONDS,
                    help="requests at concurrency 4 each server gets before it is measured, as a server in production "
                         f"is warm (TorchServe's JVM compiles its hot paths in its first few hundred; default "
