@@ -252,13 +252,13 @@ def _choose_precision(spec: ArchiveSpec, gate: precision.GateSet | None, lowered
     CPUs), not the wider sessions a lone worker borrows its idle neighbours' cores for. The whole graph in
     bf16 and in int8 swapped places between those two (MobileNet FPN: 17.1 / 17.5 ms at 2 threads, 21.8 / 19.1
     at 1), and throughput is what the precision is chosen for."""
-    fp32_rt, fp32_model = (fp32[0], exports.load(fp32[0], fp32[1], exports.threads)) if fp32 else (
-        RuntimeConfig(), eager)
+    fp32_rt = fp32[0] if fp32 else RuntimeConfig()
     record = precision.PrecisionRecord(fp32_rt.label, "fp32", spec.gate_tolerance)
     if gate is None or not lowered:
         record.reason = ("no labelled validation images" if gate is None else
                          "OpenVINO is not installed: no bf16 / int8 candidate")
         return record
+    fp32_model = exports.load(fp32[0], fp32[1], exports.threads) if fp32 else eager
     record.dataset, record.split, record.images = str(spec.parity_data), gate.split, len(gate.images)
     progress.stage(f"{fp32_rt.label}: mAP")
     maps, ms = precision.score(fp32_model, gate, spec.mask_threshold, progress.tick)
