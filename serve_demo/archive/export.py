@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -308,8 +309,6 @@ def _quantize_whole_int8(onnx_path: Path, calibration: list[torch.Tensor], out: 
 def _median_ms(path: Path, runtime: RuntimeConfig, threads: int, images: list[torch.Tensor]) -> float:
     """Median milliseconds of one whole-graph call over ``images``, :data:`INT8_TIMING_ROUNDS` times, after one
     warm-up call."""
-    import time
-
     session = open_session(path, runtime, threads, torch.device("cpu"))
     session.run([images[0]])
     ms = []
